@@ -1,0 +1,276 @@
+"""The run configuration: a typed tree of dataclasses, YAML files and command-line overrides.
+
+Precedence is command line > YAML file > defaults. Overrides are ``section.key=value``
+strings whose values are parsed as YAML (``data.augmentations=[hflip,vflip]``,
+``optim.lr=0.05``). An unknown section or key is rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is invalid."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "resnet20"
+    """Model name: a CIFAR ResNet (resnet20/32/44/56/110) or a torchvision model."""
+    num_classes: int = 10
+    """Number of output classes; labels must lie in [0, num_classes)."""
+    weights_path: Optional[str] = None
+    """Optional local state-dict file with initial weights (loaded on rank 0, then broadcast)."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    backend: str = "auto"
+    """Input pipeline: dali, torchvision, or auto (DALI when installed and usable)."""
+    train_path: str = ""
+    """Training data: a shard file, a brace pattern (train-{000000..000009}.tar), a folder of
+    shards, or an ImageFolder tree."""
+    val_path: str = ""
+    """Validation data, same forms as train_path."""
+    image_size: int = 32
+    """Side of the square training input in pixels. 32 selects the padded random crop,
+    larger sizes the random-resized crop and a resize-then-center-crop validation."""
+    batch_size: int = 128
+    """Base-batch samples per rank and per branch at each step."""
+    eval_batch_size: int = 256
+    """Validation samples per rank per batch."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (torchvision) or CPU threads (DALI)."""
+    augmentations: list = dataclasses.field(default_factory=lambda: ["hflip", "vflip", "randaugment"])
+    """One augmentation name per branch, on top of the base crop."""
+    independent_sampling: bool = False
+    """Draw a separate sample order per branch instead of the shared base batches."""
+    last_batch: str = "drop"
+    """Handling of the incomplete last base batch of an epoch: drop or pad (repeat samples)."""
+    on_decode_error: str = "raise"
+    """What an undecodable image does: raise (naming shard and key) or skip (counted)."""
+    mean: list = dataclasses.field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
+    """Per-channel normalization mean (RGB, 0..1 scale)."""
+    std: list = dataclasses.field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
+    """Per-channel normalization standard deviation (RGB, 0..1 scale)."""
+    prefetch_depth: int = 2
+    """Batches prepared ahead per loader (DataLoader prefetch_factor, DALI prefetch queue)."""
+    hw_decoder_load: float = 0.65
+    """Share of JPEG decoding given to the hardware decoder on GPUs that have one (DALI)."""
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """Optimizer: sgd or adamw."""
+    lr: float = 0.1
+    """Peak learning rate, reached at the end of the warm-up."""
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"
+    """Decay after warm-up: cosine, multistep or constant."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up length in epochs (0 disables it)."""
+    milestones: list = dataclasses.field(default_factory=list)
+    """Epochs at which multistep decay multiplies the learning rate by gamma."""
+    gamma: float = 0.1
+
+
+@dataclasses.dataclass
+class LookaroundConfig:
+    num_branches: int = 3
+    """d, the number of branches; must divide or be a multiple of the world size."""
+    k: int = 5
+    """Optimizer steps per round; an average step follows every k-th step."""
+    average_optimizer_state: bool = False
+    """Also average the optimizer state (momentum) across branches at each average step."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 200
+    seed: int = 0
+    """Seed for model initialization, sample order and augmentations."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    run_name: str = ""
+    """Run directory name under output_dir; empty picks a timestamped name."""
+    timeout_seconds: float = 300.0
+    """Limit for any collective before the run fails instead of hanging."""
+    log_interval_steps: int = 50
+    """Steps between progress log lines."""
+    keep_checkpoints: int = 2
+    """Number of most recent checkpoints kept in the run directory."""
+    max_steps_per_epoch: int = 0
+    """Cap on optimizer steps per epoch (0 means the whole epoch); for quick trials."""
+    threads_per_rank: int = 0
+    """torch intra-op threads per process (0 lets the launcher's OMP_NUM_THREADS decide)."""
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "lookaround"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list = dataclasses.field(default_factory=list)
+    mode: str = "offline"
+    """offline, online or disabled; the WANDB_MODE environment variable takes precedence."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    lookaround: LookaroundConfig = dataclasses.field(default_factory=LookaroundConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a parsed YAML value to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _coerce(value, inner, where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} expects true or false, found {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} expects an integer, found {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} expects a number, found {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} expects a string, found {value!r}")
+    if annotation is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        raise ConfigError(f"{where} expects a list, found {value!r}")
+    return value
+
+
+def _apply(section: Any, values: dict, where: str) -> None:
+    types = _field_types(type(section))
+    for key, value in values.items():
+        if key not in types:
+            valid = ", ".join(sorted(types))
+            raise ConfigError(f"unknown key {where}.{key}; valid keys of {where}: {valid}")
+        setattr(section, key, _coerce(value, types[key], f"{where}.{key}"))
+
+
+def apply_dict(config: RunConfig, values: dict, source: str = "config") -> RunConfig:
+    """Apply a nested ``{section: {key: value}}`` mapping onto ``config``."""
+    sections = _field_types(RunConfig)
+    for name, body in (values or {}).items():
+        if name not in sections:
+            valid = ", ".join(sorted(sections))
+            raise ConfigError(f"unknown section {name!r} in {source}; valid sections: {valid}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"section {name!r} in {source} must be a mapping, found {body!r}")
+        _apply(getattr(config, name), body, name)
+    return config
+
+
+def parse_override(text: str) -> dict:
+    """Turn ``section.key=value`` into ``{section: {key: value}}``; the value is parsed as YAML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"an override must look like section.key=value, found {text!r}")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cannot parse the value of override {text!r}: {error}") from None
+    return {section: {key: value}}
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Build a config from defaults, then the YAML file at ``path``, then ``overrides``."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with path.open() as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, found {type(values).__name__}")
+        apply_dict(config, values, source=str(path))
+    for text in overrides:
+        apply_dict(config, parse_override(text), source=f"override {text!r}")
+    validate_config(config)
+    return config
+
+
+CHOICES = {
+    ("data", "backend"): ("auto", "dali", "torchvision"),
+    ("data", "last_batch"): ("drop", "pad"),
+    ("data", "on_decode_error"): ("raise", "skip"),
+    ("optim", "name"): ("sgd", "adamw"),
+    ("optim", "schedule"): ("cosine", "multistep", "constant"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("wandb", "mode"): ("offline", "online", "disabled"),
+}
+
+
+def validate_config(config: RunConfig) -> None:
+    """Check values that need no data, model or process group."""
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{key} must be one of {', '.join(allowed)}, found {value!r}")
+    positive = [
+        ("lookaround", "k"), ("lookaround", "num_branches"), ("data", "batch_size"),
+        ("data", "eval_batch_size"), ("data", "image_size"), ("model", "num_classes"),
+        ("train", "epochs"), ("train", "keep_checkpoints"), ("train", "log_interval_steps"),
+    ]
+    for section, key in positive:
+        value = getattr(getattr(config, section), key)
+        if value < 1:
+            raise ConfigError(f"{section}.{key} must be >= 1, found {value}")
+    if config.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, found {config.data.num_workers}")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, found {config.optim.lr}")
+    if len(config.data.augmentations) != config.lookaround.num_branches:
+        raise ConfigError(
+            f"data.augmentations needs one name per branch: lookaround.num_branches="
+            f"{config.lookaround.num_branches} but {len(config.data.augmentations)} names were "
+            f"given ({config.data.augmentations})"
+        )
+    if len(config.data.mean) != 3 or len(config.data.std) != 3:
+        raise ConfigError("data.mean and data.std need three values each (R, G, B)")
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
