@@ -1,0 +1,114 @@
+# Shared by torchrun_single_node.sh and torchrun_multi_node.sh; source it, do not run it.
+#
+# run_torchrun NPROC_PER_NODE TORCHRUN_OPTION ... -- TRAINER_ARG ...
+#   Starts torchrun with one training process per NPROC_PER_NODE, each wrapped by
+#   training_process.py, and returns the node's exit code:
+#     0   training finished on every local rank
+#     85  every local rank saved a checkpoint and stopped on the preemption signal
+#         (PREEMPTED_EXIT_CODE); resume the run with --resume
+#     other  torchrun's own exit code (a failed or killed rank)
+#   SIGUSR1 sent to this script is forwarded to the training processes; torchrun itself
+#   ignores SIGUSR1. SIGTERM and SIGINT are left to torchrun, which shares this
+#   script's process group and forwards them itself, so send them to the whole group
+#   (Ctrl-C, scancel, kill -TERM -PGID).
+#
+# Environment: TORCHRUN (default: torchrun on PATH), LOOKAROUND_TRAIN_MODULE (default:
+# lookaround_dist.cli.train; tests put a stand-in trainer here).
+
+LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PREEMPTED_EXIT_CODE=85
+
+log() {
+    echo "[launch $(hostname -s) $(date +%H:%M:%S)] $*" >&2
+}
+
+# Prints the number of CUDA devices this process may use (0 without CUDA or torch).
+count_gpus() {
+    local python="${PYTHON:-python3}"
+    "$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
+}
+
+forward_usr1_to_training_processes() {
+    local pid_file pid
+    for pid_file in "$EXIT_CODE_DIR"/*.pid; do
+        [[ -e "$pid_file" ]] || continue
+        pid="$(<"$pid_file")"
+        log "forwarding SIGUSR1 to training process $pid ($(basename "$pid_file" .pid))"
+        kill -USR1 "$pid" 2>/dev/null || log "training process $pid has already exited"
+    done
+}
+
+# Prints the node's exit code from torchrun's and the recorded per-rank exit codes.
+node_exit_code() {
+    local torchrun_code="$1" nproc="$2" exit_file count=0 preempted=0
+    for exit_file in "$EXIT_CODE_DIR"/*.exit; do
+        [[ -e "$exit_file" ]] || continue
+        count=$((count + 1))
+        if [[ "$(<"$exit_file")" == "$PREEMPTED_EXIT_CODE" ]]; then
+            preempted=$((preempted + 1))
+        fi
+    done
+    if (( count == nproc && preempted == nproc )); then
+        echo "$PREEMPTED_EXIT_CODE"
+    elif (( torchrun_code == 0 && preempted > 0 )); then
+        # Some ranks finished and others stopped for preemption: the run is incomplete,
+        # and only the ranks that stopped wrote a checkpoint, so it is not resumable as is.
+        log "ranks disagree: $preempted of $nproc stopped for preemption, $((count - preempted)) finished"
+        echo 1
+    else
+        echo "$torchrun_code"
+    fi
+}
+
+run_torchrun() {
+    local nproc="$1"
+    shift
+    local torchrun_options=()
+    while [[ $# -gt 0 && "$1" != "--" ]]; do
+        torchrun_options+=("$1")
+        shift
+    done
+    shift  # the "--" between torchrun options and trainer arguments
+
+    EXIT_CODE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/lookaround-exit-codes.XXXXXX")"
+    export LOOKAROUND_EXIT_CODE_DIR="$EXIT_CODE_DIR"
+    local module="${LOOKAROUND_TRAIN_MODULE:-lookaround_dist.cli.train}"
+
+    log "torchrun ${torchrun_options[*]} -m $module $*"
+    # torchrun would die from SIGUSR1 (it does not handle it), so it starts with the
+    # signal ignored. training_process.py sets its own handler, which replaces the ignore.
+    (
+        trap '' USR1
+        exec "${TORCHRUN:-torchrun}" "${torchrun_options[@]}" \
+            "$LAUNCH_DIR/training_process.py" "$module" "$@"
+    ) &
+    local torchrun_pid=$!
+    trap forward_usr1_to_training_processes USR1
+    trap 'log "SIGTERM: waiting for torchrun to stop its training processes"' TERM
+    trap 'log "SIGINT: waiting for torchrun to stop its training processes"' INT
+
+    # A trapped signal interrupts wait with a code above 128, so wait again while
+    # torchrun runs. When it exited during the interrupted wait, the next wait returns
+    # its real status; 127 means the status was already returned.
+    local torchrun_code status
+    while true; do
+        wait "$torchrun_pid"
+        torchrun_code=$?
+        if kill -0 "$torchrun_pid" 2>/dev/null; then
+            continue
+        fi
+        wait "$torchrun_pid" 2>/dev/null
+        status=$?
+        if (( status != 127 )); then
+            torchrun_code=$status
+        fi
+        break
+    done
+    trap - USR1 TERM INT
+
+    local code
+    code="$(node_exit_code "$torchrun_code" "$nproc")"
+    rm -rf "$EXIT_CODE_DIR"
+    log "torchrun exited with code $torchrun_code; node exit code $code"
+    return "$code"
+}

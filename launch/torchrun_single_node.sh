@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Start one Lookaround training run on this machine through torchrun.
+#
+# Usage:
+#   launch/torchrun_single_node.sh [--nproc N] [--max-restarts R] \
+#       --config FILE [section.key=value ...] [--resume]
+#
+#   --nproc N         processes to start (default: one per visible GPU). Without a GPU
+#                     it is required, and the N processes train on CPU with gloo.
+#   --max-restarts R  times torchrun restarts all processes after a failure (default 0).
+#   Everything else goes unchanged to the trainer (lookaround_dist.cli.train).
+#
+# Examples:
+#   launch/torchrun_single_node.sh --config configs/cifar10.yaml
+#   launch/torchrun_single_node.sh --nproc 3 --config configs/demo.yaml train.epochs=1
+#
+# Exit code: 0 when training finished, 85 when it saved a checkpoint and stopped on the
+# preemption signal (rerun with --resume), otherwise torchrun's exit code. Send SIGUSR1
+# to this script to forward the preemption signal to the training processes.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+nproc=""
+max_restarts=0
+trainer_args=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --nproc) nproc="$2"; shift 2 ;;
+        --nproc=*) nproc="${1#*=}"; shift ;;
+        --max-restarts) max_restarts="$2"; shift 2 ;;
+        --max-restarts=*) max_restarts="${1#*=}"; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) trainer_args+=("$1"); shift ;;
+    esac
+done
+
+if [[ -z "$nproc" ]]; then
+    nproc="$(count_gpus)"
+    if (( nproc == 0 )); then
+        echo "error: no CUDA device found; pass --nproc N to train with N CPU processes" >&2
+        exit 2
+    fi
+fi
+if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: --nproc must be a positive integer, got '$nproc'" >&2
+    exit 2
+fi
+
+set +e
+run_torchrun "$nproc" \
+    --standalone --nnodes=1 --nproc-per-node="$nproc" --max-restarts="$max_restarts" \
+    -- "${trainer_args[@]}"
+exit $?
