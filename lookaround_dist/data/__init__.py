@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from .base import Batch, EvalData, Placement, TrainData
 from .sources import DataError, SampleIndex, open_index
@@ -38,6 +39,11 @@ def resolve_backend(requested: str) -> str:
     return "dali" if available else "torchvision"
 
 
+def dali_cache_dir(config) -> Path:
+    """The folder for DALI index files and decompressed shards, beside the run directories."""
+    return Path(config.train.output_dir) / "dali-cache"
+
+
 def build_train_data(config, index: SampleIndex, placement: Placement, device, backend: str) -> TrainData:
     """Build the training input of this rank for the resolved ``backend``."""
     data = config.data
@@ -52,6 +58,7 @@ def build_train_data(config, index: SampleIndex, placement: Placement, device, b
             last_batch=data.last_batch, skip_decode_errors=data.on_decode_error == "skip",
             max_steps_per_epoch=config.train.max_steps_per_epoch, device=device,
             prefetch_depth=data.prefetch_depth, hw_decoder_load=data.hw_decoder_load,
+            cache_dir=dali_cache_dir(config), num_classes=config.model.num_classes,
         )
     from .torchvision_backend import TorchvisionTrainData
 
@@ -74,7 +81,9 @@ def build_eval_data(config, index: SampleIndex, rank: int, world_size: int, devi
         return DaliEvalData(
             path=data.val_path, index=index, rank=rank, world_size=world_size,
             image_size=data.image_size, batch_size=data.eval_batch_size, num_threads=max(1, data.num_workers),
-            mean=data.mean, std=data.std, device=device,
+            mean=data.mean, std=data.std, device=device, prefetch_depth=data.prefetch_depth,
+            hw_decoder_load=data.hw_decoder_load, cache_dir=dali_cache_dir(config),
+            num_classes=config.model.num_classes,
         )
     from .torchvision_backend import TorchvisionEvalData
 
