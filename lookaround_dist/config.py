@@ -114,6 +114,20 @@ class TrainConfig:
     """Cap on optimizer steps per epoch (0 means the whole epoch); for quick trials."""
     threads_per_rank: int = 0
     """torch intra-op threads per process (0 lets the launcher's OMP_NUM_THREADS decide)."""
+    stop_after_steps: int = 0
+    """Save a checkpoint and stop after this many optimizer steps in total (0: never)."""
+    precision: str = "auto"
+    """fp32, bf16 (autocast), fp16 (autocast with one gradient scaler per branch), or auto
+    (bf16 on CUDA, fp32 on CPU)."""
+    channels_last: Optional[bool] = None
+    """Channels-last memory format for model and input; null picks it on CUDA only."""
+    compile: bool = False
+    """Compile each branch's model with torch.compile."""
+    preemption_signal: str = "SIGUSR1"
+    """Signal (besides SIGTERM) that makes all ranks save a checkpoint and exit for requeue."""
+    nonfinite_policy: str = "stop"
+    """What a branch with non-finite weights does at the average step: stop (raise), skip
+    (average the healthy branches only) or rollback (restore the last consensus)."""
 
 
 @dataclasses.dataclass
@@ -238,6 +252,9 @@ CHOICES = {
     ("optim", "name"): ("sgd", "adamw"),
     ("optim", "schedule"): ("cosine", "multistep", "constant"),
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
+    ("train", "preemption_signal"): ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"),
+    ("train", "nonfinite_policy"): ("stop", "skip", "rollback"),
     ("wandb", "mode"): ("offline", "online", "disabled"),
 }
 

@@ -1,0 +1,250 @@
+"""The average step: coalesced averaging of all branches' parameters and buffers.
+
+Floating-point parameters and floating-point buffers are packed into persistent flat
+buffers, one per (kind, dtype, device), allocated once; a round allocates nothing.
+Each flat buffer is summed by one all-reduce, divided, and copied back into the modules'
+own tensors, so optimizers and DDP keep their references and channels-last tensors keep
+their memory format.
+
+* Parameters are reduced over the peer group (one rank per branch at the same position)
+  after a local sum of the branches this rank hosts, and divided by the number of
+  branches. The ranks inside a branch hold bitwise equal parameters (DDP), so every peer
+  group computes the same mean.
+* Floating-point buffers (BatchNorm running statistics) are reduced over the whole world
+  and divided by the number of contributions. Ranks of one branch update their running
+  statistics from different samples, so their buffers differ inside a round; averaging
+  them over every rank makes all ranks agree and uses the statistics of every rank.
+* Integer buffers (BatchNorm's ``num_batches_tracked``) are counters, not estimates: an
+  average of counters is meaningless, so they are checked to agree across all ranks and
+  left as they are.
+
+Sums go through ``ReduceOp.SUM`` and an explicit division because ``ReduceOp.AVG`` is
+NCCL-only and unreliable on gloo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .topology import Topology
+
+
+class AveragingError(RuntimeError):
+    """Branches that cannot be averaged (integer buffers that disagree, shapes that differ)."""
+
+
+@dataclasses.dataclass
+class Bucket:
+    """One flat buffer and, per hosted branch, the tensors it is packed from."""
+
+    flat: torch.Tensor
+    views: list[torch.Tensor]
+    tensors: list[list[torch.Tensor]]
+    """``tensors[h][i]`` is tensor ``i`` of hosted branch ``h``."""
+
+
+def _bucket_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.dtype, tensor.device)
+
+
+def build_buckets(per_branch: list[list[torch.Tensor]]) -> list[Bucket]:
+    """Group tensors by dtype and device into flat buffers shaped for ``per_branch[0]``."""
+    first = per_branch[0]
+    for tensors in per_branch[1:]:
+        if [t.shape for t in tensors] != [t.shape for t in first]:
+            raise AveragingError("hosted branches have tensors of different shapes")
+    groups: dict[tuple, list[int]] = {}
+    for i, tensor in enumerate(first):
+        groups.setdefault(_bucket_key(tensor), []).append(i)
+    buckets = []
+    for (dtype, device), indices in groups.items():
+        total = sum(first[i].numel() for i in indices)
+        flat = torch.empty(total, dtype=dtype, device=device)
+        views, offset = [], 0
+        for i in indices:
+            n = first[i].numel()
+            views.append(flat[offset: offset + n].view(first[i].shape))
+            offset += n
+        tensors = [[branch[i] for i in indices] for branch in per_branch]
+        buckets.append(Bucket(flat, views, tensors))
+    return buckets
+
+
+def split_state(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Return a module's floating-point parameters, floating-point buffers and integer buffers."""
+    params = [p.data for p in module.parameters() if p.is_floating_point()]
+    float_buffers, int_buffers = [], []
+    for buffer in module.buffers():
+        (float_buffers if buffer.is_floating_point() else int_buffers).append(buffer)
+    return params, float_buffers, int_buffers
+
+
+def optimizer_float_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's floating-point state tensors (momentum, Adam moments) in a fixed order."""
+    tensors = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for name in sorted(state):
+                value = state[name]
+                if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
+                    tensors.append(value)
+    return tensors
+
+
+@dataclasses.dataclass
+class AverageStats:
+    """Cost of the last average step."""
+
+    milliseconds: float = 0.0
+    bytes_reduced: int = 0
+    collectives: int = 0
+
+
+class BranchAverager:
+    """Averages the hosted branches of every rank into one consensus.
+
+    ``modules`` are the (unwrapped) models of the branches this rank hosts, in the order
+    of ``topology.branch_indices``. They must share one architecture.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], topology: Topology):
+        if len(modules) != topology.branches_per_rank:
+            raise AveragingError(
+                f"expected {topology.branches_per_rank} hosted branches, found {len(modules)}"
+            )
+        self.topology = topology
+        self.modules = list(modules)
+        states = [split_state(m) for m in self.modules]
+        self.param_buckets = build_buckets([s[0] for s in states])
+        self.buffer_buckets = build_buckets([s[1] for s in states]) if states[0][1] else []
+        self.int_tensors = [s[2] for s in states]
+        count = sum(t.numel() for t in self.int_tensors[0])
+        self.int_flat = torch.empty(2 * count, dtype=torch.int64, device=self._device())
+        self.optimizer_buckets: Optional[list[Bucket]] = None
+        self.stats = AverageStats()
+
+    def _device(self) -> torch.device:
+        return self.param_buckets[0].flat.device
+
+    # ----- collectives ---------------------------------------------------------------
+    def _all_reduce(self, tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
+        if self.topology.distributed:
+            dist.all_reduce(tensor, op=op, group=group)
+            self.stats.collectives += 1
+            self.stats.bytes_reduced += tensor.numel() * tensor.element_size()
+
+    def _reduce_bucket(self, bucket: Bucket, group, divisor: float, contributes: Sequence[bool]) -> None:
+        """Sum the hosted branches into the flat buffer, all-reduce, divide, copy back."""
+        contributors = [h for h, keep in enumerate(contributes) if keep]
+        if contributors:
+            torch._foreach_copy_(bucket.views, bucket.tensors[contributors[0]])
+            for h in contributors[1:]:
+                torch._foreach_add_(bucket.views, bucket.tensors[h])
+        else:
+            bucket.flat.zero_()
+        self._all_reduce(bucket.flat, group)
+        bucket.flat.div_(divisor)
+        for tensors in bucket.tensors:
+            torch._foreach_copy_(tensors, bucket.views)
+
+    # ----- public --------------------------------------------------------------------
+    def average(self, optimizers: Optional[Sequence[torch.optim.Optimizer]] = None,
+                healthy: Optional[Sequence[bool]] = None) -> AverageStats:
+        """Average every hosted branch into the consensus, in place.
+
+        ``optimizers``, when given, also have their floating-point state averaged.
+        ``healthy`` (one flag per global branch, equal on every rank) leaves unhealthy
+        branches out of the mean; they receive the consensus like the others.
+        """
+        started = time.perf_counter()
+        self.stats = AverageStats()
+        topology = self.topology
+        branches = topology.branch_indices
+        healthy = list(healthy) if healthy is not None else [True] * topology.num_branches
+        num_healthy = sum(healthy)
+        if num_healthy == 0:
+            raise AveragingError("no healthy branch is left to average")
+        contributes = [healthy[b] for b in branches]
+
+        self.check_integer_buffers()
+        for bucket in self.param_buckets:
+            self._reduce_bucket(bucket, topology.peer_group, num_healthy, contributes)
+        # Each branch's buffers arrive once from each of its ranks.
+        buffer_divisor = num_healthy * topology.ranks_per_branch
+        for bucket in self.buffer_buckets:
+            self._reduce_bucket(bucket, topology.world_group, buffer_divisor, contributes)
+        if optimizers is not None:
+            for bucket in self._optimizer_buckets(optimizers):
+                self._reduce_bucket(bucket, topology.peer_group, num_healthy, contributes)
+
+        if self._device().type == "cuda":
+            torch.cuda.current_stream().synchronize()  # so that the timing covers the work
+        self.stats.milliseconds = (time.perf_counter() - started) * 1000.0
+        return self.stats
+
+    def check_integer_buffers(self) -> None:
+        """Raise :class:`AveragingError` unless integer buffers agree on every branch and rank."""
+        if not self.int_tensors[0]:
+            return
+        local = torch.cat([t.reshape(-1) for t in self.int_tensors[0]]).to(torch.int64)
+        for h, tensors in enumerate(self.int_tensors[1:], start=1):
+            other = torch.cat([t.reshape(-1) for t in tensors]).to(torch.int64)
+            if not torch.equal(local, other):
+                raise AveragingError(
+                    f"integer buffers differ between hosted branches {self.topology.branch_indices[0]} "
+                    f"and {self.topology.branch_indices[h]}"
+                )
+        count = local.numel()
+        self.int_flat[:count].copy_(local)
+        self.int_flat[count:].copy_(local).neg_()
+        # One MAX all-reduce gives both the maximum and (negated) the minimum.
+        self._all_reduce(self.int_flat, self.topology.world_group, op=dist.ReduceOp.MAX)
+        if not (torch.equal(self.int_flat[:count], local) and torch.equal(-self.int_flat[count:], local)):
+            raise AveragingError(
+                "integer buffers (such as BatchNorm's num_batches_tracked) differ across ranks: "
+                f"this rank has {local.tolist()[:8]}, the maximum over ranks is "
+                f"{self.int_flat[:count].tolist()[:8]}; every branch must take the same number of steps"
+            )
+
+    def _optimizer_buckets(self, optimizers: Sequence[torch.optim.Optimizer]) -> list[Bucket]:
+        if self.optimizer_buckets is None:
+            states = [optimizer_float_state(o) for o in optimizers]
+            if not states[0]:
+                return []  # no state yet (no step taken)
+            self.optimizer_buckets = build_buckets(states)
+        return self.optimizer_buckets
+
+    def broadcast_from_first(self) -> None:
+        """Give every hosted branch on every rank the weights and buffers of global rank 0's first branch."""
+        for bucket in self.param_buckets + self.buffer_buckets:
+            torch._foreach_copy_(bucket.views, bucket.tensors[0])
+            if self.topology.distributed:
+                dist.broadcast(bucket.flat, src=0, group=self.topology.world_group)
+            for tensors in bucket.tensors:
+                torch._foreach_copy_(tensors, bucket.views)
+        if self.int_tensors[0]:
+            count = sum(t.numel() for t in self.int_tensors[0])
+            flat = self.int_flat[:count]
+            offset = 0
+            for t in self.int_tensors[0]:
+                flat[offset: offset + t.numel()].copy_(t.reshape(-1))
+                offset += t.numel()
+            if self.topology.distributed:
+                dist.broadcast(flat, src=0, group=self.topology.world_group)
+            for tensors in self.int_tensors:
+                offset = 0
+                for t in tensors:
+                    t.copy_(flat[offset: offset + t.numel()].view(t.shape))
+                    offset += t.numel()
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of parameters and floating-point buffers of one branch."""
+        return sum(b.flat.numel() * b.flat.element_size() for b in self.param_buckets + self.buffer_buckets)

@@ -1,0 +1,68 @@
+"""``lookaround-train``: one run from a YAML config and overrides, under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..config import ConfigError, load_config
+from ..distributed import destroy, env_world
+from ..metrics import setup_logging
+
+log = logging.getLogger("lookaround_dist")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lookaround-train",
+        description="Train d branches with Lookaround. Start one process per GPU with torchrun, "
+                    "for example: torchrun --nproc-per-node 4 -m lookaround_dist.cli.train "
+                    "--config configs/cifar10.yaml lookaround.num_branches=2",
+    )
+    parser.add_argument("--config", help="YAML run configuration (see configs/)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in train.output_dir/train.run_name from its latest "
+                             "checkpoint (a run without checkpoints starts from the beginning)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, the layout for --world-size, the model and the data, "
+                             "print the run summary and exit without training")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="world size to check with --dry-run (default: WORLD_SIZE or 1)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, parsed as YAML values (command line > YAML > defaults)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, _, world_size = env_world()
+    setup_logging(rank)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        log.error("invalid configuration: %s", error)
+        return 2
+    if args.dry_run:
+        from .dry_run import dry_run
+
+        return dry_run(config, args.world_size or world_size)
+
+    from ..trainer import Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(config, resume=args.resume)
+        code = trainer.run()
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        log.error("%s: %s", type(error).__name__, error)
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.close()
+    destroy()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
