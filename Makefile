@@ -1,0 +1,32 @@
+# Set-up, demo and tests. Every target installs what it needs into $(VENV) first.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+TORCHRUN := $(VENV)/bin/torchrun
+# Processes of the demo; the demo config has d = 3 branches, one per process.
+DEMO_PROCESSES ?= 3
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast docker clean-runs
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	OMP_NUM_THREADS=1 $(TORCHRUN) --standalone --nproc-per-node $(DEMO_PROCESSES) \
+		-m lookaround_dist.cli.train --config configs/demo.yaml
+
+test: install
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+docker:
+	docker build -f docker/Dockerfile -t lookaround-dist:latest .
+
+clean-runs:
+	rm -rf runs
