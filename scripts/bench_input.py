@@ -32,7 +32,7 @@ STD = [0.229, 0.224, 0.225]
 
 
 def target_ratio(image_size: int, name: str) -> float:
-    """The DALI/torchvision ratio this project aims for."""
+    """Return the DALI/torchvision throughput ratio this project aims for."""
     if image_size > augment.SMALL_IMAGE_MAX and name in ("randaugment", "autoaugment", "trivialaugment"):
         return 1.0
     return 1.5
