@@ -1,0 +1,71 @@
+"""Whole runs through torchrun on the shipped CIFAR-10 subset."""
+
+import json
+
+import pytest
+import torch
+
+from launch import quick_overrides, torchrun_train
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_lowers_loss_saves_and_resumes(tmp_path, demo_data):
+    run_dir = tmp_path / "run"
+    first = torchrun_train(2, quick_overrides(run_dir, **{"train.epochs": 3}))
+    assert first.returncode == 0, first.stdout[-3000:]
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert sum(metrics[-1]["train_loss"]) < sum(metrics[0]["train_loss"])
+    for record in metrics:
+        assert len(record["train_loss"]) == 2
+        assert 0.0 <= record["test_top1"] <= 100.0
+        assert record["images_per_second"] > 0
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "consensus.pt").is_file()
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-000000016", "step-000000024"]  # the last two kept
+    assert "branch 0: augmentation hflip, ranks [0]" in first.stdout
+
+    # The final weights load into a plain model.
+    from lookaround_dist.models import build_model
+
+    model = build_model("resnet20", 10)
+    model.load_state_dict(torch.load(run_dir / "consensus.pt", weights_only=True))
+
+    resumed = torchrun_train(2, quick_overrides(run_dir, **{"train.epochs": 4}), extra_args=["--resume"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [0, 1, 2, 3]
+
+
+def test_existing_run_directory_not_overwritten(tmp_path, demo_data):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("user: data\n")
+    result = torchrun_train(2, quick_overrides(run_dir))
+    assert result.returncode != 0
+    assert "already holds a run" in result.stdout
+    assert (run_dir / "config.yaml").read_text() == "user: data\n"
+
+
+def test_interrupted_run_resumes_bitwise(tmp_path, demo_data):
+    """Stopped mid-epoch and mid-round, then resumed: the same final weights as one run."""
+    whole = tmp_path / "whole"
+    parts = tmp_path / "parts"
+    options = {"train.epochs": 2, "train.max_steps_per_epoch": 7, "data.num_workers": 1}
+    assert torchrun_train(2, quick_overrides(whole, **options)).returncode == 0
+    stopped = torchrun_train(2, quick_overrides(parts, **options, **{"train.stop_after_steps": 5}))
+    assert stopped.returncode == 0, stopped.stdout[-3000:]
+    assert "stopped after step 5" in stopped.stdout
+    resumed = torchrun_train(2, quick_overrides(parts, **options), extra_args=["--resume"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    a = torch.load(whole / "consensus.pt", weights_only=True)
+    b = torch.load(parts / "consensus.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
