@@ -19,6 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def _hadolint() -> str:
     """Return the hadolint executable, from this interpreter's environment or PATH."""
@@ -53,7 +55,6 @@ def _dockerfile_instructions(keyword: str) -> list[str]:
     return re.findall(rf"^{keyword} (.+)$", text, re.MULTILINE)
 
 
-@pytest.mark.timeout(60)
 def test_hadolint_passes():
     result = subprocess.run(
         [_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=50

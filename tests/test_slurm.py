@@ -9,6 +9,8 @@ Layers:
   bit for bit, as an uninterrupted run.
 
 The Slurm tests skip, with the reason, only when Slurm cannot be installed or started.
+Measured on a 2-core machine without GPU: about 30 s for the tests that are not marked
+slow; about 70 s (stand-in requeue), 145 s (demo run) and 285 s (preemption) for the rest.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def _assert_state_dicts_equal(expected: dict, found: dict) -> None:
 # Node launch script without Slurm.
 
 
+@pytest.mark.timeout(30)
 def test_exit_code_matches_trainer():
     # Read from the source, because importing the package needs it installed.
     preemption_source = (REPO_ROOT / "lookaround_dist" / "preemption.py").read_text()
@@ -280,7 +283,9 @@ def _run_demo_job(cluster: SlurmCluster, tmp_path: Path, name: str, preempt: boo
 def test_sbatch_trains_demo_on_cpu(slurm_cluster: SlurmCluster, tmp_path):
     consensus_file = _run_demo_job(slurm_cluster, tmp_path, "complete", preempt=False)
     state = torch.load(consensus_file, map_location="cpu", weights_only=True)
-    assert "fc.weight" in state or any(key.endswith(".weight") for key in state)
+    # ResNet-20's classifier: 10 classes from 64 features.
+    assert state["fc.weight"].shape == (10, 64)
+    assert all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point())
 
 
 @pytest.mark.slow
