@@ -2,11 +2,13 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCHRUN := $(VENV)/bin/torchrun
+# Where the full CIFAR-10 shards (gzip-compressed tars) are read from by data-cifar10.
+SHARED_DATA ?= ../shared/data
 # Processes of the demo; the demo config has d = 3 branches, one per process.
 DEMO_PROCESSES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast docker clean-runs
+.PHONY: install demo test test-fast docker clean-runs data-cifar10
 
 install: $(VENV)/.installed
 
@@ -30,3 +32,9 @@ docker:
 
 clean-runs:
 	rm -rf runs
+
+# Plain-tar copies of the full CIFAR-10 shards for configs/cifar10.yaml (DALI reads plain tars).
+data-cifar10:
+	mkdir -p data/cifar10
+	for f in $(SHARED_DATA)/cifar10/*.tar.gz; do \
+		out=data/cifar10/$$(basename $$f .gz); [ -e $$out ] || gunzip -c $$f > $$out; done

@@ -15,13 +15,15 @@ which worker handles a sample, or on where a resumed run starts.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from typing import Iterator, Optional, Sequence
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from . import augment
 from .base import Batch, EvalData, Placement, TrainData
@@ -47,8 +49,9 @@ def mix_seed(*values: int) -> int:
 def decode(blob: bytes, index: SampleIndex, sample: int) -> torch.Tensor:
     """Decode an encoded image to a 3-channel uint8 CHW tensor; errors name shard and key."""
     try:
-        return decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as error:
+        with Image.open(io.BytesIO(blob)) as image:
+            return pil_to_tensor(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
         entry = index.samples[sample]
         raise DataError(f"cannot decode image {entry.key} in {entry.source}: {error}") from None
 
