@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from launch import quick_overrides, torchrun_train
+from launch import quick_overrides, torchrun_module, torchrun_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -36,6 +36,14 @@ def test_run_lowers_loss_saves_and_resumes(tmp_path, demo_data):
 
     model = build_model("resnet20", 10)
     model.load_state_dict(torch.load(run_dir / "consensus.pt", weights_only=True))
+
+    # lookaround-eval on two processes reproduces the run's own last evaluation.
+    evaluated = torchrun_module(2, "lookaround_dist.cli.evaluate", [str(run_dir)])
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["samples"] == 1000
+    assert result["test_top1"] == pytest.approx(metrics[-1]["test_top1"], abs=1e-9)
+    assert result["test_loss"] == pytest.approx(metrics[-1]["test_loss"], rel=1e-5)
 
     resumed = torchrun_train(2, quick_overrides(run_dir, **{"train.epochs": 4}), extra_args=["--resume"])
     assert resumed.returncode == 0, resumed.stdout[-3000:]
