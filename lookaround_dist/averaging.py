@@ -1,7 +1,10 @@
 """The average step: coalesced averaging of all branches' parameters and buffers.
 
 Floating-point parameters and floating-point buffers are packed into persistent flat
-buffers, one per (kind, dtype, device), allocated once; a round allocates nothing.
+buffers, one per (kind, dtype, device), allocated once; the integer check has its own
+persistent buffers, so a round allocates no tensor storage. Each tensor's view into its
+flat buffer has the tensor's own strides, so packing a channels-last tensor is a copy in
+memory order.
 Each flat buffer is summed by one all-reduce, divided, and copied back into the modules'
 own tensors, so optimizers and DDP keep their references and channels-last tensors keep
 their memory format.
@@ -53,6 +56,17 @@ def _bucket_key(tensor: torch.Tensor) -> tuple:
     return (tensor.dtype, tensor.device)
 
 
+def dense_view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """Return a view of ``flat`` from ``offset`` with the shape and strides of ``like``.
+
+    ``empty_like`` keeps the strides of a dense tensor (channels-last included), so the
+    copies between a module's tensor and its view run in memory order instead of
+    permuting every element.
+    """
+    strides = torch.empty_like(like, device="meta").stride()
+    return torch.as_strided(flat, like.shape, strides, flat.storage_offset() + offset)
+
+
 def build_buckets(per_branch: list[list[torch.Tensor]]) -> list[Bucket]:
     """Group tensors by dtype and device into flat buffers shaped for ``per_branch[0]``."""
     first = per_branch[0]
@@ -68,9 +82,8 @@ def build_buckets(per_branch: list[list[torch.Tensor]]) -> list[Bucket]:
         flat = torch.empty(total, dtype=dtype, device=device)
         views, offset = [], 0
         for i in indices:
-            n = first[i].numel()
-            views.append(flat[offset: offset + n].view(first[i].shape))
-            offset += n
+            views.append(dense_view(flat, offset, first[i]))
+            offset += first[i].numel()
         tensors = [[branch[i] for i in indices] for branch in per_branch]
         buckets.append(Bucket(flat, views, tensors))
     return buckets
@@ -125,13 +138,35 @@ class BranchAverager:
         self.param_buckets = build_buckets([s[0] for s in states])
         self.buffer_buckets = build_buckets([s[1] for s in states]) if states[0][1] else []
         self.int_tensors = [s[2] for s in states]
-        count = sum(t.numel() for t in self.int_tensors[0])
-        self.int_flat = torch.empty(2 * count, dtype=torch.int64, device=self._device())
+        self._build_integer_buffers()
         self.optimizer_buckets: Optional[list[Bucket]] = None
         self.stats = AverageStats()
 
     def _device(self) -> torch.device:
         return self.param_buckets[0].flat.device
+
+    def _build_integer_buffers(self) -> None:
+        """Allocate the int64 buffers of the integer check once, so a round allocates none.
+
+        ``int_flat`` holds this rank's values and their negation: one MAX all-reduce over
+        it gives the maximum and (negated) the minimum over all ranks.
+        """
+        device = self._device()
+        count = sum(t.numel() for t in self.int_tensors[0])
+        self.int_flat = torch.empty(2 * count, dtype=torch.int64, device=device)
+        self.int_local = torch.empty(count, dtype=torch.int64, device=device)
+        self.int_local_negated = torch.empty(count, dtype=torch.int64, device=device)
+        self.int_other = torch.empty(count if len(self.int_tensors) > 1 else 0, dtype=torch.int64, device=device)
+        self.int_local_views = self._int_views(self.int_local)
+        self.int_other_views = self._int_views(self.int_other) if len(self.int_tensors) > 1 else []
+        self.int_max, self.int_negated_min = self.int_flat[:count], self.int_flat[count:]
+
+    def _int_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for tensor in self.int_tensors[0]:
+            views.append(flat[offset: offset + tensor.numel()].view(tensor.shape))
+            offset += tensor.numel()
+        return views
 
     # ----- collectives ---------------------------------------------------------------
     def _all_reduce(self, tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
@@ -193,24 +228,24 @@ class BranchAverager:
         """Raise :class:`AveragingError` unless integer buffers agree on every branch and rank."""
         if not self.int_tensors[0]:
             return
-        local = torch.cat([t.reshape(-1) for t in self.int_tensors[0]]).to(torch.int64)
+        local = self.int_local
+        torch._foreach_copy_(self.int_local_views, self.int_tensors[0])
         for h, tensors in enumerate(self.int_tensors[1:], start=1):
-            other = torch.cat([t.reshape(-1) for t in tensors]).to(torch.int64)
-            if not torch.equal(local, other):
+            torch._foreach_copy_(self.int_other_views, tensors)
+            if not torch.equal(local, self.int_other):
                 raise AveragingError(
                     f"integer buffers differ between hosted branches {self.topology.branch_indices[0]} "
                     f"and {self.topology.branch_indices[h]}"
                 )
-        count = local.numel()
-        self.int_flat[:count].copy_(local)
-        self.int_flat[count:].copy_(local).neg_()
-        # One MAX all-reduce gives both the maximum and (negated) the minimum.
+        torch.neg(local, out=self.int_local_negated)
+        self.int_max.copy_(local)
+        self.int_negated_min.copy_(self.int_local_negated)
         self._all_reduce(self.int_flat, self.topology.world_group, op=dist.ReduceOp.MAX)
-        if not (torch.equal(self.int_flat[:count], local) and torch.equal(-self.int_flat[count:], local)):
+        if not (torch.equal(self.int_max, local) and torch.equal(self.int_negated_min, self.int_local_negated)):
             raise AveragingError(
                 "integer buffers (such as BatchNorm's num_batches_tracked) differ across ranks: "
                 f"this rank has {local.tolist()[:8]}, the maximum over ranks is "
-                f"{self.int_flat[:count].tolist()[:8]}; every branch must take the same number of steps"
+                f"{self.int_max.tolist()[:8]}; every branch must take the same number of steps"
             )
 
     def _optimizer_buckets(self, optimizers: Sequence[torch.optim.Optimizer]) -> list[Bucket]:
@@ -230,19 +265,11 @@ class BranchAverager:
             for tensors in bucket.tensors:
                 torch._foreach_copy_(tensors, bucket.views)
         if self.int_tensors[0]:
-            count = sum(t.numel() for t in self.int_tensors[0])
-            flat = self.int_flat[:count]
-            offset = 0
-            for t in self.int_tensors[0]:
-                flat[offset: offset + t.numel()].copy_(t.reshape(-1))
-                offset += t.numel()
+            torch._foreach_copy_(self.int_local_views, self.int_tensors[0])
             if self.topology.distributed:
-                dist.broadcast(flat, src=0, group=self.topology.world_group)
+                dist.broadcast(self.int_local, src=0, group=self.topology.world_group)
             for tensors in self.int_tensors:
-                offset = 0
-                for t in tensors:
-                    t.copy_(flat[offset: offset + t.numel()].view(t.shape))
-                    offset += t.numel()
+                torch._foreach_copy_(tensors, self.int_local_views)
 
     @property
     def state_bytes(self) -> int:
