@@ -1,8 +1,8 @@
 """The average step: coalesced averaging of all branches' parameters and buffers.
 
 Floating-point parameters and floating-point buffers are packed into persistent flat
-buffers, one per (kind, dtype, device), allocated once; the integer check has its own
-persistent buffers, so a round allocates no tensor storage. Each tensor's view into its
+buffers, one per (kind, dtype, device), allocated once. The integer check has its own
+persistent buffers too, so a round allocates no tensor storage. Each tensor's view into its
 flat buffer has the tensor's own strides, so packing a channels-last tensor is a copy in
 memory order.
 Each flat buffer is summed by one all-reduce, divided, and copied back into the modules'
@@ -148,8 +148,8 @@ class BranchAverager:
     def _build_integer_buffers(self) -> None:
         """Allocate the int64 buffers of the integer check once, so a round allocates none.
 
-        ``int_flat`` holds this rank's values and their negation: one MAX all-reduce over
-        it gives the maximum and (negated) the minimum over all ranks.
+        ``int_flat`` contains this rank's values and their negation, so one MAX all-reduce
+        over it gives the maximum and (negated) the minimum over all ranks.
         """
         device = self._device()
         count = sum(t.numel() for t in self.int_tensors[0])
