@@ -128,6 +128,28 @@ class TrainConfig:
     nonfinite_policy: str = "stop"
     """What a branch with non-finite weights does at the average step: stop (raise), skip
     (average the healthy branches only) or rollback (restore the last consensus)."""
+    method: str = "lookaround"
+    """Training method, all on the same data and step budget: lookaround; sgd (one model
+    trained on all d augmentations of every base batch); independent (d branches never
+    averaged, evaluated one by one and as a logit ensemble); lookahead (slow and fast
+    weights of one model that sees all d augmentations, synchronized every k steps)."""
+    lookahead_alpha: float = 0.5
+    """Lookahead's interpolation factor: slow += alpha * (fast - slow) every k steps."""
+    swa_epochs: int = 0
+    """Stochastic weight averaging: average the consensus at the end of each of the last
+    this many epochs, then recompute its BatchNorm statistics (0 disables SWA)."""
+    bn_recalibration_batches: int = 50
+    """Training batches per rank whose forward passes recompute BatchNorm statistics, for
+    SWA and for train.recalibrate_bn."""
+    recalibrate_bn: bool = False
+    """Also evaluate a copy of the consensus whose BatchNorm statistics are recomputed from
+    training batches, beside the averaged statistics."""
+    diversity_interval_rounds: int = 1
+    """Rounds between diversity measurements (branch distances to the consensus), taken
+    before the average step; each costs one all-reduce of the parameters (0 disables)."""
+    evaluate_branches: bool = True
+    """At each epoch end, also evaluate every branch and their logit ensemble, measured
+    before the epoch's last average step (d more evaluations per epoch)."""
 
 
 @dataclasses.dataclass
@@ -255,6 +277,7 @@ CHOICES = {
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("train", "preemption_signal"): ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"),
     ("train", "nonfinite_policy"): ("stop", "skip", "rollback"),
+    ("train", "method"): ("lookaround", "sgd", "independent", "lookahead"),
     ("wandb", "mode"): ("offline", "online", "disabled"),
 }
 
@@ -286,6 +309,32 @@ def validate_config(config: RunConfig) -> None:
         )
     if len(config.data.mean) != 3 or len(config.data.std) != 3:
         raise ConfigError("data.mean and data.std need three values each (R, G, B)")
+    validate_method(config)
+
+
+def validate_method(config: RunConfig) -> None:
+    """Check the method keys of ``train``: Lookahead's alpha, SWA and the measurement options."""
+    train = config.train
+    if not 0.0 < train.lookahead_alpha <= 1.0:
+        raise ConfigError(f"train.lookahead_alpha must lie in (0, 1], found {train.lookahead_alpha}")
+    if not 0 <= train.swa_epochs <= train.epochs:
+        raise ConfigError(
+            f"train.swa_epochs must lie in [0, train.epochs={train.epochs}], found {train.swa_epochs}"
+        )
+    if train.swa_epochs > 0 and train.method == "independent":
+        raise ConfigError(
+            "train.swa_epochs > 0 needs a consensus to average, but train.method=independent "
+            "never forms one; set train.swa_epochs=0 or choose another method"
+        )
+    if (train.swa_epochs > 0 or train.recalibrate_bn) and train.bn_recalibration_batches < 1:
+        raise ConfigError(
+            f"train.bn_recalibration_batches must be >= 1 with SWA or train.recalibrate_bn, "
+            f"found {train.bn_recalibration_batches}"
+        )
+    if train.diversity_interval_rounds < 0:
+        raise ConfigError(
+            f"train.diversity_interval_rounds must be >= 0 (0 disables), found {train.diversity_interval_rounds}"
+        )
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
