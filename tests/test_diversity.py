@@ -96,3 +96,28 @@ def test_gather_averages_buffers_inside_branch(four_ranks):
             torch.testing.assert_close(gathered["1.running_mean"],
                                        (states[0]["1.running_mean"] + states[1]["1.running_mean"]) / 2)
             assert gathered["1.num_batches_tracked"].item() == 3
+
+
+def test_report_plots_distance_per_round(tmp_path):
+    import json
+
+    from lookaround_dist.cli.report import main
+
+    run = tmp_path / "lookaround-seed0"
+    run.mkdir()
+    records = [
+        {"round": 1, "epoch": 0, "step": 5, "branch_distance": [0.5, 0.7], "pairwise_distance_rms": 1.2},
+        {"epoch": 0, "test_top1": 40.0, "test_top5": 80.0, "test_loss": 2.0, "train_loss": [2.0, 2.1],
+         "images_per_second": 100.0, "wall_seconds": 10.0, "branch_test_top1": [38.0, 36.0],
+         "ensemble_test_top1": 41.0},
+        {"round": 2, "epoch": 1, "step": 10, "branch_distance": [0.4, 0.6], "pairwise_distance_rms": 1.0},
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    output = tmp_path / "report"
+    assert main([str(run), "--output", str(output)]) == 0
+    table = (output / "report.md").read_text()
+    assert "| lookaround | 1 | 40.00 | 40.00 | 80.00 | 2.00 | 100.00 | 10.00 |" in table
+    assert "| lookaround | 1 | 37.00 | 41.00 |" in table
+    for name in ("branch_distance.png", "pairwise_distance.png"):
+        assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in table

@@ -6,8 +6,14 @@ Runs are grouped by their label: ``--label-key`` names a config value (``section
 whose value labels the run (by default the method when the config has one, else the run
 directory's name without a trailing ``-seedN``). For each group the table gives the mean
 and the spread (sample standard deviation) over its runs of the final and best test top-1,
-the final top-5 and loss (NLL), images/s and wall time. The plots show test top-1 and
-training loss against the epoch, one line per group (the mean over its runs).
+the final top-5 and loss (NLL), images/s and wall time. A second table gives, where runs
+recorded them, the final mean top-1 of the single branches, their logit ensemble, the
+consensus with recomputed BatchNorm statistics and the SWA model. The plots show test
+top-1 and training loss against the epoch, and the branches' distance to the consensus
+against the round, one line per group (the mean over its runs).
+
+Epoch records carry an ``epoch`` key; round records (diversity measurements) carry a
+``round`` key.
 """
 
 from __future__ import annotations
@@ -33,16 +39,19 @@ def run_label(run_dir: Path, config: dict, label_key: str | None) -> str:
     return re.sub(r"-seed\d+$", "", run_dir.name)
 
 
-def load_run(run_dir: Path, label_key: str | None) -> tuple[str, list[dict]]:
+def load_run(run_dir: Path, label_key: str | None) -> tuple[str, list[dict], list[dict]]:
+    """Return the run's label, its epoch records and its round records."""
     metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl")
     config_file = run_dir / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-    records = [r for r in read_metrics(metrics_file) if "epoch" in r]
+    all_records = read_metrics(metrics_file)
+    records = [r for r in all_records if "epoch" in r and "round" not in r]
+    rounds = [r for r in all_records if "round" in r]
     if not records:
         raise ValueError(f"{metrics_file} holds no epoch records")
-    return run_label(run_dir, config or {}, label_key), records
+    return run_label(run_dir, config or {}, label_key), records, rounds
 
 
 def mean_spread(values: list[float]) -> str:
@@ -75,33 +84,61 @@ COLUMNS = (
 )
 
 
-def summary_rows(groups: dict[str, list[list[dict]]]) -> list[str]:
+def last_mean(key: str):
+    """Return a picker of the mean of the per-branch list in the last record that has ``key``."""
+    def pick(records: list[dict]):
+        values = [r[key] for r in records if r.get(key) is not None]
+        return statistics.mean(values[-1]) if values else None
+    return pick
+
+
+def last_present(key: str):
+    """Return a picker of the value of ``key`` in the last record that has it."""
+    def pick(records: list[dict]):
+        values = [r[key] for r in records if r.get(key) is not None]
+        return values[-1] if values else None
+    return pick
+
+
+MODEL_COLUMNS = (
+    ("branch top-1 (mean)", last_mean("branch_test_top1")),
+    ("ensemble top-1", last_present("ensemble_test_top1")),
+    ("recalibrated BN top-1", last_present("recalibrated_test_top1")),
+    ("SWA top-1", last_present("swa_test_top1")),
+)
+
+
+def summary_rows(groups: dict[str, list[list[dict]]], columns=COLUMNS) -> list[str]:
     """Markdown rows: per group, mean ± sample standard deviation of each column over its runs."""
-    names = [name for name, _ in COLUMNS]
+    names = [name for name, _ in columns]
     rows = ["| method | runs | " + " | ".join(names) + " |", "| --- " * (len(names) + 2) + "|"]
     for label, runs in groups.items():
         cells = []
-        for _, pick in COLUMNS:
+        for _, pick in columns:
             values = [v for v in (pick(records) for records in runs) if v is not None]
             cells.append(mean_spread(values))
         rows.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     return rows
 
 
-def mean_curve(runs: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
-    by_epoch: dict[int, list[float]] = {}
+def has_any(groups: dict[str, list[list[dict]]], pick) -> bool:
+    return any(pick(records) is not None for runs in groups.values() for records in runs)
+
+
+def mean_curve(runs: list[list[dict]], key: str, x_key: str = "epoch") -> tuple[list[int], list[float]]:
+    by_x: dict[int, list[float]] = {}
     for records in runs:
         for record in records:
             value = record.get(key)
             if isinstance(value, list):  # one value per branch: their mean
                 value = statistics.mean(value)
             if value is not None:
-                by_epoch.setdefault(record["epoch"], []).append(value)
-    epochs = sorted(by_epoch)
-    return epochs, [statistics.mean(by_epoch[e]) for e in epochs]
+                by_x.setdefault(record[x_key], []).append(value)
+    xs = sorted(by_x)
+    return xs, [statistics.mean(by_x[x]) for x in xs]
 
 
-def plot(groups: dict[str, list[list[dict]]], key: str, ylabel: str, path: Path) -> bool:
+def plot(groups: dict[str, list[list[dict]]], key: str, ylabel: str, path: Path, x_key: str = "epoch") -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,12 +147,12 @@ def plot(groups: dict[str, list[list[dict]]], key: str, ylabel: str, path: Path)
     figure, axes = plt.subplots(figsize=(6, 4))
     drawn = False
     for label, runs in groups.items():
-        epochs, values = mean_curve(runs, key)
-        if epochs:
-            axes.plot(epochs, values, marker="o", markersize=3, label=label)
+        xs, values = mean_curve(runs, key, x_key)
+        if xs:
+            axes.plot(xs, values, marker="o" if len(xs) < 100 else None, markersize=3, label=label)
             drawn = True
     if drawn:
-        axes.set_xlabel("epoch")
+        axes.set_xlabel(x_key)
         axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)
         axes.legend()
@@ -133,21 +170,34 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     groups: dict[str, list[list[dict]]] = {}
+    round_groups: dict[str, list[list[dict]]] = {}
     for run in args.runs:
         try:
-            label, records = load_run(Path(run), args.label_key)
+            label, records, rounds = load_run(Path(run), args.label_key)
         except (FileNotFoundError, ValueError) as error:
             print(f"lookaround-report: {error}", file=sys.stderr)
             return 1
         groups.setdefault(label, []).append(records)
+        round_groups.setdefault(label, []).append(rounds)
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     lines = ["# Run comparison", "", *summary_rows(groups), ""]
-    for key, ylabel, name in (("test_top1", "test top-1 (%)", "test_top1.png"),
-                              ("train_loss", "training loss (mean over branches)", "train_loss.png"),
-                              ("branch_distance", "branch distance to the consensus", "branch_distance.png")):
-        if plot(groups, key, ylabel, output / name):
+    model_columns = tuple(c for c in MODEL_COLUMNS if has_any(groups, c[1]))
+    if model_columns:
+        lines += ["Final test top-1 of the single branches, their logit ensemble, the consensus with "
+                  "recomputed BatchNorm statistics and the SWA model:", "",
+                  *summary_rows(groups, model_columns), ""]
+    figures = (
+        (groups, "test_top1", "test top-1 (%)", "test_top1.png", "epoch"),
+        (groups, "train_loss", "training loss (mean over branches)", "train_loss.png", "epoch"),
+        (round_groups, "branch_distance", "branch distance to the consensus (mean over branches)",
+         "branch_distance.png", "round"),
+        (round_groups, "pairwise_distance_rms", "RMS pairwise distance between branches",
+         "pairwise_distance.png", "round"),
+    )
+    for source, key, ylabel, name, x_key in figures:
+        if plot(source, key, ylabel, output / name, x_key):
             lines += [f"![{ylabel}]({name})", ""]
     (output / "report.md").write_text("\n".join(lines))
     print(f"wrote {output / 'report.md'}")
