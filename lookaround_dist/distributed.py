@@ -1,11 +1,14 @@
-"""Process-group set-up from torchrun's environment, device choice and teardown."""
+"""Process-group set-up from torchrun's environment, device choice, named collectives and
+teardown."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import socket
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,6 +20,11 @@ def env_world() -> tuple[int, int, int]:
     """Rank, local rank and world size from torchrun's environment (0, 0, 1 without it)."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
             int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this run's workers (TORCHELASTIC_RESTART_COUNT, 0 without it)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
 def select_device(requested: str, local_rank: int) -> torch.device:
@@ -56,9 +64,82 @@ def gather_hosts() -> list[str]:
     return hosts
 
 
-def barrier() -> None:
+class CollectiveError(RuntimeError):
+    """A collective that failed or timed out, with the stage of the run it belonged to."""
+
+
+_STAGE_KEY = "lookaround/stage/{rank}"
+_stage_count = 0
+
+
+def _default_store():
+    # NOTE: a private helper of torch.distributed (present in torch 2.14); without it the
+    # error of a failed collective cannot say which ranks had not reached it.
+    getter = getattr(dist.distributed_c10d, "_get_default_store", None)
+    return getter() if getter is not None else None
+
+
+def _lagging_ranks(count: int, wait_seconds: float = 5.0) -> Optional[list[int]]:
+    """Ranks whose latest named collective started before this rank's ``count``-th one,
+    read from the process group's key-value store; None when the store is unreachable."""
+    try:
+        store = _default_store()
+        if store is None:
+            return None
+        store.set_timeout(datetime.timedelta(seconds=wait_seconds))
+        lagging = []
+        for rank in range(dist.get_world_size()):
+            key = _STAGE_KEY.format(rank=rank)
+            if not store.check([key]) or int(store.get(key).split(b" ", 1)[0]) < count:
+                lagging.append(rank)
+        return lagging
+    except (RuntimeError, ValueError):  # the store host may be gone as well
+        return None
+
+
+@contextlib.contextmanager
+def collective(operation: str) -> Iterator[None]:
+    """Run the collectives inside the block as the named stage ``operation``.
+
+    Each rank records in the process group's store that it reached the stage (one small
+    write). When a collective inside fails, most often because the process-group timeout
+    (train.timeout_seconds) ran out while a rank was dead or stuck, the error names the
+    stage and the ranks that had not reached it.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    global _stage_count
+    _stage_count += 1
+    count = _stage_count
+    rank = dist.get_rank()
+    try:
+        store = _default_store()
+        if store is not None:
+            store.set(_STAGE_KEY.format(rank=rank), f"{count} {operation}")
+    except RuntimeError as error:
+        raise CollectiveError(f"{operation} failed on rank {rank}: the store of the process "
+                              f"group is unreachable ({error})") from error
+    try:
+        yield
+    except RuntimeError as error:  # gloo and NCCL raise RuntimeError subclasses
+        lagging = _lagging_ranks(count)
+        if lagging:
+            where = f"rank(s) {lagging} had not reached it (dead or stuck)"
+        elif lagging == []:
+            where = "every rank had reached it, so a rank failed inside it"
+        else:
+            where = "which rank is missing is unknown"
+        raise CollectiveError(
+            f"{operation} failed on rank {rank}: {where}. A timeout here means that no rank "
+            f"finished it within train.timeout_seconds. Cause: {error}"
+        ) from error
+
+
+def barrier(operation: str = "barrier") -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        with collective(operation):
+            dist.barrier()
 
 
 def destroy() -> None:

@@ -8,6 +8,7 @@ so all ranks stop after the same step, save one checkpoint and exit with
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from typing import Optional
@@ -19,6 +20,26 @@ PREEMPTED_EXIT_CODE = 85
 """Exit code of a run that saved a checkpoint because it was preempted; requeue it."""
 
 log = logging.getLogger(__name__)
+
+
+def ignore_in_loader_workers(loader, signal_names: tuple[str, ...]) -> None:
+    """Make the worker processes of DataLoader ``loader`` ignore the stop signals.
+
+    torchrun delivers its signals to the whole process group of a training process
+    (os.killpg), which includes the DataLoader's worker processes, and torch gives those
+    workers a SIGTERM handler that ends them. A stopping rank still needs its loader's
+    workers for the steps up to the round boundary, so they ignore the signals instead;
+    they still exit when the training process ends.
+    """
+    previous = loader.worker_init_fn
+    loader.worker_init_fn = functools.partial(_ignore_signals, tuple(signal_names), previous)
+
+
+def _ignore_signals(signal_names, previous, worker_id) -> None:
+    for name in signal_names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if previous is not None:
+        previous(worker_id)
 
 
 class StopRequest:

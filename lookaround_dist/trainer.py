@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,12 +30,13 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .api import Lookaround
 from .config import RunConfig, save_config
-from .data import Placement, build_eval_data, build_train_data, open_index, resolve_backend
+from .data import DataError, Placement, build_eval_data, build_train_data, open_index, resolve_backend
+from .data.sources import expand_shards, is_image_folder
 from .data.augment import AUGMENTATIONS, check_augmentations
-from .distributed import barrier, env_world, gather_hosts, init_process_group, select_device
+from .distributed import barrier, collective, env_world, gather_hosts, init_process_group, select_device
 from .metrics import MetricsWriter, Progress
 from .models import check_model_name, model_factory
-from .preemption import PREEMPTED_EXIT_CODE, StopRequest
+from .preemption import PREEMPTED_EXIT_CODE, StopRequest, ignore_in_loader_workers
 from .schedule import build_optimizer, build_scheduler
 from .topology import Layout, Topology
 from .tracking import Tracker
@@ -91,7 +93,29 @@ def preflight(config: RunConfig, world_size: int, rank: int):
             f"{len(train_index)} training samples cannot fill one base batch of {global_batch} "
             f"(data.batch_size={config.data.batch_size} x {layout.ranks_per_branch} ranks per branch)"
         )
+    if backend == "dali":
+        check_shard_count(config.data.train_path, layout.ranks_per_branch)
     return layout, backend, train_index, val_index
+
+
+def check_shard_count(train_path: str, ranks_per_branch: int) -> None:
+    """Raise DataError when DALI would give the ranks of a branch fewer shard files than ranks.
+
+    DALI's reader splits the samples into one contiguous slice per rank. With fewer files
+    than ranks, a rank keeps reading the same part of the same file every epoch, so the
+    ranks of a branch never exchange samples. The torchvision backend reads samples by
+    index and has no such limit.
+    """
+    if is_image_folder(train_path):
+        return
+    shards = expand_shards(train_path)
+    if len(shards) < ranks_per_branch:
+        raise DataError(
+            f"data.backend=dali needs at least one training shard per rank of a branch: expected "
+            f">= {ranks_per_branch} shards, found {len(shards)} in {train_path}. Repack the data "
+            f"into more shards (lookaround-shards pack --samples-per-shard) or use "
+            f"data.backend=torchvision"
+        )
 
 
 class Trainer:
@@ -108,7 +132,8 @@ class Trainer:
         init_process_group(self.device, config.train.timeout_seconds)
         timeout = datetime.timedelta(seconds=config.train.timeout_seconds)
         self.topology = Topology.create(config.lookaround.num_branches, timeout=timeout)
-        self.hosts = gather_hosts()
+        with collective("the start-up exchange of host names"):
+            self.hosts = gather_hosts()
         self.run_dir = self._prepare_run_dir(resume)
 
         # Stage 3: branches, optimizers, input.
@@ -150,7 +175,13 @@ class Trainer:
         self.checkpoints = self.run_dir / "checkpoints"
         if resume:
             self._resume()
-        self.stop_request = StopRequest(("SIGTERM", config.train.preemption_signal))
+        stop_signals = ("SIGTERM", config.train.preemption_signal)
+        self.stop_request = StopRequest(stop_signals)
+        # NOTE: reaches into the torchvision backend's DataLoaders (their ``loader``
+        # attribute); DALI runs threads, not processes, and needs nothing.
+        for data in (self.train_data, self.eval_data):
+            if data is not None and hasattr(data, "loader"):
+                ignore_in_loader_workers(data.loader, stop_signals)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if self.rank == 0 else None)
         self.tracker = Tracker(config, self.run_dir, self.rank, self.wandb_id)
         self.wandb_id = self.tracker.run_id
@@ -222,13 +253,37 @@ class Trainer:
             log.info(line)
 
     # ----- checkpoints ---------------------------------------------------------------
+    def _nonfinite_modules(self) -> list[int]:
+        """Global indices of branches whose parameters or floating-point buffers hold NaN or
+        infinity on any rank; the same list on every rank (one collective)."""
+        flags = torch.zeros(self.topology.num_branches, dtype=torch.float32, device=self.device)
+        for branch in self.lookaround.branches:
+            tensors = [t.detach() for t in branch.module.state_dict().values() if t.is_floating_point()]
+            total = torch.stack(torch._foreach_norm(tensors)).sum()
+            flags[branch.index] = (~torch.isfinite(total)).float()
+        if self.topology.distributed:
+            with collective("the finiteness check before a checkpoint"):
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [b for b, flag in enumerate(flags.tolist()) if flag > 0]
+
     def save_checkpoint(self) -> Path:
-        """Save on all ranks; global rank 0 commits the folder after a barrier."""
+        """Save on all ranks; global rank 0 commits the folder after a barrier.
+
+        Raises NonFiniteError, and writes nothing, when any branch holds non-finite weights:
+        a checkpoint is only useful if training can continue from it.
+        """
         step = self.progress.global_step
         mid_round = self.lookaround.steps_in_round > 0
+        bad = self._nonfinite_modules()
+        if bad:
+            previous = ckpt.latest_checkpoint(self.checkpoints)
+            raise NonFiniteError(
+                f"checkpoint at step {step} not saved: branch(es) {bad} hold non-finite weights; "
+                f"the latest saved checkpoint is {previous or 'none'}"
+            )
         if self.rank == 0:
             ckpt.prepare_folder(self.checkpoints, step)
-        barrier()
+        barrier("the checkpoint barrier before writing")
         folder = ckpt.partial_path(self.checkpoints, step)
         topology = self.topology
 
@@ -255,11 +310,11 @@ class Trainer:
             # ranks of one branch: keep every rank's own modules.
             rank_state["modules"] = {str(b.index): b.module.state_dict() for b in self.lookaround.branches}
         ckpt.atomic_save(rank_state, folder / f"rank-{self.rank}.pt")
-        barrier()
+        barrier("the checkpoint barrier after writing")
         final = ckpt.partial_path(self.checkpoints, step).with_suffix("")
         if self.rank == 0:
             final = ckpt.commit_folder(self.checkpoints, step, self.config.train.keep_checkpoints)
-        barrier()
+        barrier("the checkpoint barrier after the commit")
         log.info("checkpoint saved: %s", final)
         return final
 
@@ -301,7 +356,8 @@ class Trainer:
         flags[-1] = 1.0 if self.stop_request.received else 0.0
         if self.topology.distributed:
             # One collective, so that every rank takes the same decision.
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            with collective("the stop and non-finite agreement before the average step"):
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         values = flags.tolist()
         self._stop_agreed = values[-1] > 0
         return [b for b in range(self.topology.num_branches) if values[b] > 0]
@@ -315,7 +371,8 @@ class Trainer:
             where = f"epoch {self.progress.epoch}, step {self.progress.global_step}"
             if policy == "stop" or (policy == "skip" and len(bad) == self.topology.num_branches):
                 raise NonFiniteError(
-                    f"non-finite weights in branch(es) {bad} at {where}; lower optim.lr, use "
+                    f"non-finite weights in branch(es) {bad} at {where} (train.nonfinite_policy="
+                    f"{policy}); lower optim.lr, use "
                     f"train.precision=fp32, or set train.nonfinite_policy=skip or rollback"
                 )
             if policy == "skip":
@@ -328,7 +385,8 @@ class Trainer:
                 log.warning("non-finite weights in branch(es) %s at %s: rolling back to the last consensus", bad, where)
                 self._rollback()
                 return
-        self.lookaround.average(healthy)
+        with collective("the average step"):
+            self.lookaround.average(healthy)
         if self.config.train.nonfinite_policy == "rollback":
             self.last_consensus = {k: v.detach().clone() for k, v in self.lookaround.consensus.state_dict().items()}
 
@@ -345,6 +403,8 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
                     if self.amp_dtype is not None else contextlib.nullcontext())
         for h, (branch, (images, labels)) in enumerate(zip(self.lookaround.branches, batches)):
+            # With data.on_decode_error=skip a batch lacks the images that failed to decode.
+            self._skipped_images += self.config.data.batch_size - labels.numel()
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             with autocast:
@@ -381,21 +441,29 @@ class Trainer:
             totals[2] += hits.any(dim=1).sum()
             totals[3] += labels.numel()
         if self.topology.distributed:
-            dist.all_reduce(totals)
+            with collective("the evaluation all-reduce"):
+                dist.all_reduce(totals)
         model.train()
         loss, top1, top5, count = totals.tolist()
         if int(count) != self.eval_data.num_samples:
             raise RuntimeError(f"evaluation counted {int(count)} samples, expected {self.eval_data.num_samples}")
         return {"test_top1": 100.0 * top1 / count, "test_top5": 100.0 * top5 / count, "test_loss": loss / count}
 
-    def _branch_losses(self) -> list[float]:
-        """Mean training loss of each branch over the epoch, averaged over its ranks."""
-        losses = torch.zeros(self.topology.num_branches, dtype=torch.float64, device=self.device)
+    def _branch_losses(self) -> tuple[list[float], int]:
+        """Mean training loss of each branch over the epoch, averaged over its ranks, and the
+        number of images per branch skipped because they failed to decode."""
+        d = self.topology.num_branches
+        totals = torch.zeros(d + 1, dtype=torch.float64, device=self.device)
         for h, branch in enumerate(self.lookaround.branches):
-            losses[branch.index] = self._loss_sums[h].double() / max(1, self._loss_steps) / self.topology.ranks_per_branch
+            totals[branch.index] = self._loss_sums[h].double() / max(1, self._loss_steps) / self.topology.ranks_per_branch
+        totals[d] = self._skipped_images
         if self.topology.distributed:
-            dist.all_reduce(losses)
-        return losses.tolist()
+            with collective("the all-reduce of the epoch's training losses"):
+                dist.all_reduce(totals)
+        values = totals.tolist()
+        # Every branch sees the same base samples (unless sampling is independent), so each
+        # failed image is counted once per branch: report it once.
+        return values[:d], round(values[d] / d)
 
     def run(self) -> int:
         """Train to the end; return the process exit code (0, or the preemption code)."""
@@ -409,6 +477,7 @@ class Trainer:
             self.train_data.set_epoch(epoch)
             self._loss_sums = [torch.zeros((), device=self.device) for _ in self.lookaround.branches]
             self._loss_steps = 0
+            self._skipped_images = 0
             self._stop_agreed = False
             average_ms, average_bytes, rounds = 0.0, 0, 0
             data_wait = 0.0
@@ -423,7 +492,11 @@ class Trainer:
                 data_wait += time.perf_counter() - wait_started
                 if batches is None:
                     break
-                self._train_step(batches)
+                if self.topology.ranks_per_branch > 1:
+                    with collective("a training step (the gradient all-reduce inside each branch)"):
+                        self._train_step(batches)
+                else:
+                    self._train_step(batches)
                 step_in_epoch += 1
                 self.progress.global_step += 1
                 if self.lookaround.tick():
@@ -433,6 +506,8 @@ class Trainer:
                     rounds += 1
                 if bar.enabled and step_in_epoch % 10 == 0:
                     bar.update(step_in_epoch, float(self._loss_sums[0]) / max(1, self._loss_steps))
+                if self.progress.global_step % config.train.log_interval_steps == 0:
+                    self._log_step(epoch, step_in_epoch, steps_per_epoch)
                 if self._stop_agreed or (stop_after and self.progress.global_step >= stop_after):
                     break
             bar.close()
@@ -456,10 +531,27 @@ class Trainer:
         self._finish(started)
         return 0
 
+    def _log_step(self, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> None:
+        """Log this rank's running branch losses; a host sync, so only every few steps."""
+        if self.rank != 0:
+            return
+        losses = {f"step/train_loss_branch_{b.index}": float(self._loss_sums[h]) / max(1, self._loss_steps)
+                  for h, b in enumerate(self.lookaround.branches)}
+        values = {**losses, "step/lr": self.lookaround.branches[0].scheduler.get_last_lr()[0],
+                  "step/epoch": epoch}
+        self.tracker.log(values, step=self.progress.global_step)
+        if not sys.stderr.isatty():
+            loss_text = " ".join(f"{v:.4f}" for v in losses.values())
+            log.info("epoch %3d step %5d/%d | global step %7d | train loss %s | lr %.5f", epoch,
+                     step_in_epoch, steps_per_epoch, self.progress.global_step, loss_text, values["step/lr"])
+
     def _epoch_record(self, epoch, epoch_seconds, steps, started, average_ms, average_bytes,
                       rounds, data_wait) -> dict:
         config = self.config
-        losses = self._branch_losses()
+        losses, skipped_images = self._branch_losses()
+        if skipped_images:
+            log.warning("epoch %d: %d training image(s) failed to decode and were skipped "
+                        "(data.on_decode_error=skip)", epoch, skipped_images)
         images = steps * config.data.batch_size * self.topology.branches_per_rank * self.world_size
         record = {
             "epoch": epoch,
@@ -472,6 +564,7 @@ class Trainer:
             "average_ms_per_round": average_ms / max(1, rounds),
             "average_bytes_per_round": average_bytes / max(1, rounds),
             "data_wait_fraction": data_wait / max(1e-9, epoch_seconds),
+            "skipped_images": skipped_images,
         }
         if self.eval_data is not None:
             record.update(self.evaluate())

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from ..config import ConfigError, load_config
-from ..distributed import destroy, env_world
+from ..distributed import destroy, env_world, restart_count
 from ..metrics import setup_logging
 
 log = logging.getLogger("lookaround_dist")
@@ -23,7 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML run configuration (see configs/)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in train.output_dir/train.run_name from its latest "
-                             "checkpoint (a run without checkpoints starts from the beginning)")
+                             "checkpoint (a run without checkpoints starts from the beginning); "
+                             "implied for workers that torchrun restarts")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config, the layout for --world-size, the model and the data, "
                              "print the run summary and exit without training")
@@ -50,9 +51,15 @@ def main(argv=None) -> int:
 
     from ..trainer import Trainer
 
+    # Workers that torchrun restarts (--max-restarts) continue from the latest checkpoint
+    # of the same run directory without a human adding --resume.
+    resume = args.resume
+    if restart_count() > 0 and not resume:
+        log.warning("torchrun restart %d: resuming from the latest checkpoint", restart_count())
+        resume = True
     trainer = None
     try:
-        trainer = Trainer(config, resume=args.resume)
+        trainer = Trainer(config, resume=resume)
         code = trainer.run()
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         log.error("%s: %s", type(error).__name__, error)
