@@ -169,14 +169,17 @@ class BranchAverager:
         return views
 
     # ----- collectives ---------------------------------------------------------------
-    def _all_reduce(self, tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
-        if self.topology.distributed:
-            dist.all_reduce(tensor, op=op, group=group)
-            self.stats.collectives += 1
-            self.stats.bytes_reduced += tensor.numel() * tensor.element_size()
+    def _start_all_reduce(self, tensor: torch.Tensor, group, op=dist.ReduceOp.SUM):
+        """Start an all-reduce of ``tensor``; return its work handle, or None without a process group."""
+        if not self.topology.distributed:
+            return None
+        self.stats.collectives += 1
+        self.stats.bytes_reduced += tensor.numel() * tensor.element_size()
+        return dist.all_reduce(tensor, op=op, group=group, async_op=True)
 
-    def _reduce_bucket(self, bucket: Bucket, group, divisor: float, contributes: Sequence[bool]) -> None:
-        """Sum the hosted branches into the flat buffer, all-reduce, divide, copy back."""
+    @staticmethod
+    def _pack_bucket(bucket: Bucket, contributes: Sequence[bool]) -> None:
+        """Sum the contributing hosted branches into the flat buffer."""
         contributors = [h for h, keep in enumerate(contributes) if keep]
         if contributors:
             torch._foreach_copy_(bucket.views, bucket.tensors[contributors[0]])
@@ -184,7 +187,10 @@ class BranchAverager:
                 torch._foreach_add_(bucket.views, bucket.tensors[h])
         else:
             bucket.flat.zero_()
-        self._all_reduce(bucket.flat, group)
+
+    @staticmethod
+    def _unpack_bucket(bucket: Bucket, divisor: float) -> None:
+        """Divide the reduced flat buffer and copy it into every hosted branch's tensors."""
         bucket.flat.div_(divisor)
         for tensors in bucket.tensors:
             torch._foreach_copy_(tensors, bucket.views)
@@ -208,16 +214,32 @@ class BranchAverager:
             raise AveragingError("no healthy branch is left to average")
         contributes = [healthy[b] for b in branches]
 
-        self.check_integer_buffers()
+        # Every collective starts before the first is waited on, so that their latencies
+        # overlap. Every rank starts them in the same order.
+        integer_work = self._start_integer_check()
+        pending = []
         for bucket in self.param_buckets:
-            self._reduce_bucket(bucket, topology.peer_group, num_healthy, contributes)
+            pending.append((bucket, topology.peer_group, num_healthy))
         # Each branch's buffers arrive once from each of its ranks.
         buffer_divisor = num_healthy * topology.ranks_per_branch
         for bucket in self.buffer_buckets:
-            self._reduce_bucket(bucket, topology.world_group, buffer_divisor, contributes)
+            pending.append((bucket, topology.world_group, buffer_divisor))
         if optimizers is not None:
             for bucket in self._optimizer_buckets(optimizers):
-                self._reduce_bucket(bucket, topology.peer_group, num_healthy, contributes)
+                pending.append((bucket, topology.peer_group, num_healthy))
+        works = []
+        for bucket, group, _ in pending:
+            self._pack_bucket(bucket, contributes)
+            works.append(self._start_all_reduce(bucket.flat, group))
+
+        for work in works + [integer_work]:
+            if work is not None:
+                work.wait()
+        # The module tensors are written only after the integer check passed, so a failed
+        # check leaves every branch as it was.
+        self._finish_integer_check()
+        for bucket, _, divisor in pending:
+            self._unpack_bucket(bucket, divisor)
 
         if self._device().type == "cuda":
             torch.cuda.current_stream().synchronize()  # so that the timing covers the work
@@ -226,8 +248,15 @@ class BranchAverager:
 
     def check_integer_buffers(self) -> None:
         """Raise :class:`AveragingError` unless integer buffers agree on every branch and rank."""
+        work = self._start_integer_check()
+        if work is not None:
+            work.wait()
+        self._finish_integer_check()
+
+    def _start_integer_check(self):
+        """Compare the hosted branches' integer buffers and start the MAX all-reduce over all ranks."""
         if not self.int_tensors[0]:
-            return
+            return None
         local = self.int_local
         torch._foreach_copy_(self.int_local_views, self.int_tensors[0])
         for h, tensors in enumerate(self.int_tensors[1:], start=1):
@@ -240,7 +269,13 @@ class BranchAverager:
         torch.neg(local, out=self.int_local_negated)
         self.int_max.copy_(local)
         self.int_negated_min.copy_(self.int_local_negated)
-        self._all_reduce(self.int_flat, self.topology.world_group, op=dist.ReduceOp.MAX)
+        return self._start_all_reduce(self.int_flat, self.topology.world_group, op=dist.ReduceOp.MAX)
+
+    def _finish_integer_check(self) -> None:
+        """Raise unless the reduced maximum and minimum equal this rank's integer buffers."""
+        if not self.int_tensors[0]:
+            return
+        local = self.int_local
         if not (torch.equal(self.int_max, local) and torch.equal(self.int_negated_min, self.int_local_negated)):
             raise AveragingError(
                 "integer buffers (such as BatchNorm's num_batches_tracked) differ across ranks: "
