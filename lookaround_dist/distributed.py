@@ -23,7 +23,7 @@ def env_world() -> tuple[int, int, int]:
 
 
 def restart_count() -> int:
-    """How often torchrun has restarted this run's workers (TORCHELASTIC_RESTART_COUNT, 0 without it)."""
+    """Return how often torchrun has restarted this run's workers (TORCHELASTIC_RESTART_COUNT, 0 without it)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
@@ -48,9 +48,19 @@ def init_process_group(device: torch.device, timeout_seconds: float) -> None:
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         return  # a single process started without torchrun needs no group
     backend = "nccl" if device.type == "cuda" else "gloo"
-    options = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_seconds)}
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    options = {"backend": backend, "timeout": timeout}
     if device.type == "cuda":
         options["device_id"] = device
+    if restart_count() > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun (torch 2.14) keeps one store for all restarts and the process group's
+        # keys carry no restart number, so restarted workers could read the addresses of
+        # the workers that died and fail to connect or hang. A prefix per restart avoids it.
+        rank, _, world_size = env_world()
+        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                    world_size, is_master=False, timeout=timeout)
+        options.update(store=dist.PrefixStore(f"lookaround/restart-{restart_count()}", agent_store),
+                       rank=rank, world_size=world_size)
     dist.init_process_group(**options)
 
 
@@ -74,7 +84,7 @@ _stage_count = 0
 
 def _default_store():
     # NOTE: a private helper of torch.distributed (present in torch 2.14); without it the
-    # error of a failed collective cannot say which ranks had not reached it.
+    # error of a failed collective cannot name the ranks that had not reached it.
     getter = getattr(dist.distributed_c10d, "_get_default_store", None)
     return getter() if getter is not None else None
 
