@@ -59,21 +59,3 @@ def test_existing_run_directory_not_overwritten(tmp_path, demo_data):
     assert result.returncode != 0
     assert "already holds a run" in result.stdout
     assert (run_dir / "config.yaml").read_text() == "user: data\n"
-
-
-def test_interrupted_run_resumes_bitwise(tmp_path, demo_data):
-    """Stopped mid-epoch and mid-round, then resumed: the same final weights as one run."""
-    whole = tmp_path / "whole"
-    parts = tmp_path / "parts"
-    options = {"train.epochs": 2, "train.max_steps_per_epoch": 7, "data.num_workers": 1}
-    assert torchrun_train(2, quick_overrides(whole, **options)).returncode == 0
-    stopped = torchrun_train(2, quick_overrides(parts, **options, **{"train.stop_after_steps": 5}))
-    assert stopped.returncode == 0, stopped.stdout[-3000:]
-    assert "stopped after step 5" in stopped.stdout
-    resumed = torchrun_train(2, quick_overrides(parts, **options), extra_args=["--resume"])
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    a = torch.load(whole / "consensus.pt", weights_only=True)
-    b = torch.load(parts / "consensus.pt", weights_only=True)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
