@@ -10,7 +10,7 @@ the same model.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -79,3 +79,22 @@ def recalibrate_batchnorm(module: nn.Module, batches: Iterable, num_batches: int
             tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
     return used
+
+
+def training_images(train_data) -> Iterator[torch.Tensor]:
+    """Yield the current epoch's training steps as image batches, every hosted augmentation
+    joined, and restore the input's position when closed.
+
+    ``train_data`` is a :class:`lookaround_dist.data.TrainData`. Close the generator
+    (``contextlib.closing``) after taking the batches needed, so that the training input
+    continues where it stood.
+
+    NOTE: checked with the torchvision backend only; the DALI backend's state restore
+    after a partial pass has not been run.
+    """
+    state = train_data.state_dict()
+    try:
+        for step in train_data:
+            yield torch.cat([images for images, _ in step])
+    finally:
+        train_data.load_state_dict(state)

@@ -150,6 +150,8 @@ class TrainConfig:
     evaluate_branches: bool = True
     """At each epoch end, also evaluate every branch and their logit ensemble, measured
     before the epoch's last average step (d more evaluations per epoch)."""
+    swa_lr: float = 0.0
+    """Constant learning rate during the SWA epochs (0 keeps optim.schedule's rate)."""
 
 
 @dataclasses.dataclass
@@ -331,6 +333,8 @@ def validate_method(config: RunConfig) -> None:
             f"train.bn_recalibration_batches must be >= 1 with SWA or train.recalibrate_bn, "
             f"found {train.bn_recalibration_batches}"
         )
+    if train.swa_lr < 0:
+        raise ConfigError(f"train.swa_lr must be >= 0 (0 keeps the schedule), found {train.swa_lr}")
     if train.diversity_interval_rounds < 0:
         raise ConfigError(
             f"train.diversity_interval_rounds must be >= 0 (0 disables), found {train.diversity_interval_rounds}"

@@ -9,11 +9,16 @@ One call of :func:`train` runs one process of a run under torchrun. Its stages:
 5. train epoch by epoch: rounds of k steps, each ended by the non-finite guard and the
    average step; every epoch ends on an average step, then the consensus is evaluated on
    all ranks and a checkpoint is saved.
+
+``train.method`` picks Lookaround or a baseline (:mod:`lookaround_dist.methods`). Each
+round's diversity is measured before its average step, and each branch is scored before
+the epoch's last average step (:mod:`lookaround_dist.diversity`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import logging
@@ -28,12 +33,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .api import Lookaround
+from .batchnorm import recalibrate_batchnorm, training_images
 from .config import RunConfig, save_config
-from .data import DataError, Placement, build_eval_data, build_train_data, open_index, resolve_backend
+from .data import DataError, build_eval_data, build_train_data, open_index, resolve_backend
 from .data.sources import expand_shards, is_image_folder
 from .data.augment import AUGMENTATIONS, check_augmentations
 from .distributed import barrier, collective, env_world, gather_hosts, init_process_group, select_device
+from .diversity import evaluate_branches, gather_branch_modules, measure_diversity
+from .methods import (SINGLE_MODEL_METHODS, Lookahead, StochasticWeightAverage, batches_for_branches,
+                      build_branches, data_placement, model_branch_count)
 from .metrics import MetricsWriter, Progress
 from .models import check_model_name, model_factory
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest, ignore_in_loader_workers
@@ -76,7 +84,8 @@ def preflight(config: RunConfig, world_size: int, rank: int):
     rank runs the same checks on the same inputs, so a bad input stops every rank with the
     same message instead of leaving some waiting in a collective.
     """
-    layout = Layout(world_size=world_size, num_branches=config.lookaround.num_branches, rank=rank)
+    num_branches = model_branch_count(config.train.method, config.lookaround.num_branches)
+    layout = Layout(world_size=world_size, num_branches=num_branches, rank=rank)
     check_model_name(config.model.name)
     backend = resolve_backend(config.data.backend)
     if backend == "dali":
@@ -131,7 +140,10 @@ class Trainer:
         self.device = select_device(config.train.device, self.local_rank)
         init_process_group(self.device, config.train.timeout_seconds)
         timeout = datetime.timedelta(seconds=config.train.timeout_seconds)
-        self.topology = Topology.create(config.lookaround.num_branches, timeout=timeout)
+        self.method = config.train.method
+        # Single-model methods (sgd, lookahead) train one branch over all ranks.
+        self.topology = Topology.create(model_branch_count(self.method, config.lookaround.num_branches),
+                                        timeout=timeout)
         with collective("the start-up exchange of host names"):
             self.hosts = gather_hosts()
         self.run_dir = self._prepare_run_dir(resume)
@@ -147,14 +159,17 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.amp_dtype = amp_dtype(config, self.device)
         torch.manual_seed(config.train.seed)
-        self.lookaround = Lookaround(
+        self.lookaround = build_branches(
+            self.method,
             model_factory(config.model.name, config.model.num_classes, config.data.image_size,
                           config.model.weights_path),
             self.topology, k=config.lookaround.k,
             average_optimizer_state=config.lookaround.average_optimizer_state,
             device=self.device, memory_format=self.memory_format,
         )
-        placement = Placement.from_topology(self.topology, config.train.seed)
+        placement = data_placement(self.method, self.topology, config.lookaround.num_branches, config.train.seed)
+        # Batches (one per augmentation) that each step of one branch trains on.
+        self.batches_per_branch = config.lookaround.num_branches if self.method in SINGLE_MODEL_METHODS else 1
         self.train_data = build_train_data(config, self.train_index, placement, self.device, self.backend)
         self.eval_data = (build_eval_data(config, self.val_index, self.rank, self.world_size,
                                           self.device, self.backend)
@@ -168,6 +183,12 @@ class Trainer:
             if config.train.compile:
                 branch.model = torch.compile(branch.model)
         self.last_consensus = None  # kept for nonfinite_policy=rollback
+        self.lookahead = (Lookahead(self.lookaround.consensus, config.train.lookahead_alpha)
+                          if self.method == "lookahead" else None)
+        self.swa = StochasticWeightAverage(self.lookaround.consensus) if config.train.swa_epochs > 0 else None
+        self.swa_lr = 0.0  # the constant learning rate of the current epoch, 0 outside SWA epochs
+        self.branch_modules = None  # every branch's copy for evaluation, reused across epochs
+        self.branch_results: dict = {}
 
         # Stage 4: resume.
         self.progress = Progression()
@@ -246,6 +267,8 @@ class Trainer:
             f"{len(self.val_index) if self.val_index is not None else 0} validation samples, "
             f"batch {config.data.batch_size} per rank and branch, "
             f"{self.train_data.steps_per_epoch} steps per epoch, {config.train.epochs} epochs",
+            f"method {self.method}" + (f": one model, {self.batches_per_branch} augmentations per step"
+                                       if self.batches_per_branch > 1 else ""),
             f"optimizer {config.optim.name} lr {config.optim.lr} ({config.optim.schedule}, "
             f"{config.optim.warmup_epochs} warm-up epochs)",
         ]
@@ -273,7 +296,8 @@ class Trainer:
         a checkpoint is only useful if training can continue from it.
         """
         step = self.progress.global_step
-        mid_round = self.lookaround.steps_in_round > 0
+        # Independent branches never agree, so they are saved per rank as inside a round.
+        mid_round = self.lookaround.steps_in_round > 0 or self.method == "independent"
         bad = self._nonfinite_modules()
         if bad:
             previous = ckpt.latest_checkpoint(self.checkpoints)
@@ -296,6 +320,8 @@ class Trainer:
                 "rounds_completed": self.lookaround.rounds_completed,
                 "mid_round": mid_round,
                 "wandb_id": self.wandb_id,
+                "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
+                "swa": self.swa.state_dict() if self.swa is not None else None,
             }, folder / "meta.pt")
         if topology.position == 0:
             for branch in self.lookaround.branches:
@@ -341,6 +367,10 @@ class Trainer:
         self.lookaround.rounds_completed = meta["rounds_completed"]
         self.progress = Progression(**meta["progress"])
         self.wandb_id = meta.get("wandb_id")
+        if self.lookahead is not None and meta.get("lookahead") is not None:
+            self.lookahead.load_state_dict(meta["lookahead"])
+        if self.swa is not None and meta.get("swa") is not None:
+            self.swa.load_state_dict(meta["swa"])
         self.train_data.load_state_dict(rank_state["data"])
         ckpt.restore_random_states(rank_state["random"])
         log.info("resumed from %s: epoch %d, step %d", folder, self.progress.epoch, self.progress.global_step)
@@ -363,8 +393,9 @@ class Trainer:
         return [b for b in range(self.topology.num_branches) if values[b] > 0]
 
     def end_round(self) -> None:
-        """Run the non-finite guard, then the average step."""
+        """Run the non-finite guard, the diversity measurement, then the average step."""
         bad = self._nonfinite_branches()
+        self._measure_diversity()
         healthy = None
         if bad:
             policy = self.config.train.nonfinite_policy
@@ -387,6 +418,8 @@ class Trainer:
                 return
         with collective("the average step"):
             self.lookaround.average(healthy)
+        if self.lookahead is not None:
+            self.lookahead.synchronize()
         if self.config.train.nonfinite_policy == "rollback":
             self.last_consensus = {k: v.detach().clone() for k, v in self.lookaround.consensus.state_dict().items()}
 
@@ -402,9 +435,10 @@ class Trainer:
     def _train_step(self, batches) -> None:
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
                     if self.amp_dtype is not None else contextlib.nullcontext())
+        batches = batches_for_branches(self.method, batches)
         for h, (branch, (images, labels)) in enumerate(zip(self.lookaround.branches, batches)):
             # With data.on_decode_error=skip a batch lacks the images that failed to decode.
-            self._skipped_images += self.config.data.batch_size - labels.numel()
+            self._skipped_images += self.config.data.batch_size * self.batches_per_branch - labels.numel()
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             with autocast:
@@ -418,13 +452,16 @@ class Trainer:
                 loss.backward()
                 branch.optimizer.step()
             branch.scheduler.step()
+            if self.swa_lr > 0:
+                self._hold_swa_lr(branch)
             self._loss_sums[h] += loss.detach().float()
         self._loss_steps += 1
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Top-1, top-5 and loss of the consensus, each sample counted once over all ranks."""
-        model = self.lookaround.consensus
+    def evaluate(self, model: Optional[torch.nn.Module] = None) -> dict:
+        """Top-1, top-5 and loss of ``model`` (the consensus by default), each sample counted
+        once over all ranks."""
+        model = model if model is not None else self.lookaround.consensus
         model.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, count
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -479,6 +516,7 @@ class Trainer:
             self._loss_steps = 0
             self._skipped_images = 0
             self._stop_agreed = False
+            self._start_swa_epoch(epoch)
             average_ms, average_bytes, rounds = 0.0, 0, 0
             data_wait = 0.0
             epoch_started = time.perf_counter()
@@ -500,6 +538,8 @@ class Trainer:
                 step_in_epoch += 1
                 self.progress.global_step += 1
                 if self.lookaround.tick():
+                    if step_in_epoch == steps_per_epoch:
+                        self._evaluate_branches()
                     self.end_round()
                     average_ms += self.lookaround.last_average.milliseconds
                     average_bytes += self.lookaround.last_average.bytes_reduced
@@ -516,6 +556,7 @@ class Trainer:
 
             # The epoch ends on an average step, so that a consensus exists to evaluate.
             if self.lookaround.steps_in_round > 0:
+                self._evaluate_branches()
                 self.end_round()
                 average_ms += self.lookaround.last_average.milliseconds
                 average_bytes += self.lookaround.last_average.bytes_reduced
@@ -545,6 +586,77 @@ class Trainer:
             log.info("epoch %3d step %5d/%d | global step %7d | train loss %s | lr %.5f", epoch,
                      step_in_epoch, steps_per_epoch, self.progress.global_step, loss_text, values["step/lr"])
 
+    # ----- method comparison: diversity, branches, recalibration, SWA -----------------
+    def _measure_diversity(self) -> None:
+        """Write the branches' distances to their mean as a round record (every rank takes part)."""
+        interval = self.config.train.diversity_interval_rounds
+        round_number = self.lookaround.rounds_completed + 1
+        if interval == 0 or self.topology.num_branches == 1 or round_number % interval:
+            return
+        with collective("the diversity measurement before the average step"):
+            diversity = measure_diversity(self.lookaround)
+        record = {"round": round_number, "epoch": self.progress.epoch, "step": self.progress.global_step,
+                  **diversity.to_record()}
+        self.metrics.write(record)
+        values = {"diversity/pairwise_distance_rms": diversity.pairwise_distance_rms,
+                  "diversity/consensus_norm": diversity.consensus_norm}
+        for b, (absolute, relative) in enumerate(zip(diversity.branch_distance, diversity.branch_distance_relative)):
+            values[f"diversity/branch_distance_{b}"] = absolute
+            values[f"diversity/branch_distance_relative_{b}"] = relative
+        self.tracker.log(values, step=self.progress.global_step)
+
+    def _evaluate_branches(self) -> None:
+        """Score every branch and their logit ensemble; called before the epoch's last average step."""
+        self.branch_results = {}
+        wanted = self.config.train.evaluate_branches or self.method == "independent"
+        if self.eval_data is None or not wanted or self.topology.num_branches == 1:
+            return
+        with collective("the branch evaluation at the end of an epoch"):
+            self.branch_modules = gather_branch_modules(self.lookaround, self.branch_modules)
+            self.branch_results = evaluate_branches(
+                self.branch_modules, self.eval_data, self.device, self.eval_data.num_samples,
+                self.amp_dtype, self.memory_format)
+
+    def _recalibrate(self, model: torch.nn.Module) -> None:
+        count = min(self.config.train.bn_recalibration_batches, self.train_data.steps_per_epoch)
+        with contextlib.closing(training_images(self.train_data)) as batches:
+            with collective("the BatchNorm recalibration"):
+                recalibrate_batchnorm(model, batches, count, device=self.device, memory_format=self.memory_format)
+
+    def _start_swa_epoch(self, epoch: int) -> None:
+        """Hold train.swa_lr through the SWA epochs, when it is set."""
+        train = self.config.train
+        in_swa = self.swa is not None and epoch >= train.epochs - train.swa_epochs
+        self.swa_lr = train.swa_lr if in_swa else 0.0
+        if self.swa_lr > 0:
+            for branch in self.lookaround.branches:
+                self._hold_swa_lr(branch)
+
+    def _hold_swa_lr(self, branch) -> None:
+        # The scheduler keeps counting steps, so that its state stays valid for a resume.
+        for group in branch.optimizer.param_groups:
+            group["lr"] = self.swa_lr
+
+    def _update_swa(self, epoch: int) -> bool:
+        """Add the consensus to the SWA mean in the last train.swa_epochs epochs; return whether it did."""
+        train = self.config.train
+        if self.swa is None or epoch < train.epochs - train.swa_epochs:
+            return False
+        self.swa.update(self.lookaround.consensus)
+        self._recalibrate(self.swa.module)
+        return True
+
+    def _evaluate_recalibrated(self, swa_active: bool) -> dict:
+        """Scores of the consensus with recomputed BatchNorm statistics, and of the SWA model."""
+        results = {}
+        if self.config.train.recalibrate_bn and self.method != "independent":
+            model = copy.deepcopy(self.lookaround.consensus)
+            self._recalibrate(model)
+            results.update({f"recalibrated_{k}": v for k, v in self.evaluate(model).items()})
+        if swa_active:
+            results.update({f"swa_{k}": v for k, v in self.evaluate(self.swa.module).items()})
+        return results
+
     def _epoch_record(self, epoch, epoch_seconds, steps, started, average_ms, average_bytes,
                       rounds, data_wait) -> dict:
         config = self.config
@@ -552,7 +664,8 @@ class Trainer:
         if skipped_images:
             log.warning("epoch %d: %d training image(s) failed to decode and were skipped "
                         "(data.on_decode_error=skip)", epoch, skipped_images)
-        images = steps * config.data.batch_size * self.topology.branches_per_rank * self.world_size
+        images = (steps * config.data.batch_size * self.batches_per_branch * self.topology.branches_per_rank
+                  * self.world_size)
         record = {
             "epoch": epoch,
             "step": self.progress.global_step,
@@ -560,14 +673,22 @@ class Trainer:
             "images_per_second": images / max(1e-9, epoch_seconds),
             "epoch_seconds": epoch_seconds,
             "wall_seconds": time.perf_counter() - started,
-            "lr": self.lookaround.branches[0].scheduler.get_last_lr()[0],
+            "lr": self.lookaround.branches[0].optimizer.param_groups[0]["lr"],
             "average_ms_per_round": average_ms / max(1, rounds),
             "average_bytes_per_round": average_bytes / max(1, rounds),
             "data_wait_fraction": data_wait / max(1e-9, epoch_seconds),
             "skipped_images": skipped_images,
         }
+        swa_active = self._update_swa(epoch)
         if self.eval_data is not None:
-            record.update(self.evaluate())
+            if self.method == "independent":
+                # No consensus exists: the run's model is the logit ensemble of its branches.
+                record.update({key: self.branch_results[f"ensemble_{key}"]
+                               for key in ("test_top1", "test_top5", "test_loss")})
+            else:
+                record.update(self.evaluate())
+            record.update(self.branch_results)
+            record.update(self._evaluate_recalibrated(swa_active))
             self.progress.best_top1 = max(self.progress.best_top1, record["test_top1"])
         self.metrics.write(record)
         self.tracker.log(record, step=self.progress.global_step)
@@ -580,7 +701,24 @@ class Trainer:
             record["average_ms_per_round"], record["average_bytes_per_round"] / 1e6,
             100 * record["data_wait_fraction"], epoch_seconds,
         )
+        self._log_branch_results(epoch, record)
         return record
+
+    def _log_branch_results(self, epoch: int, record: dict) -> None:
+        """Log the branch, ensemble, recalibrated and SWA scores of an epoch record, where present."""
+        parts, values = [], {}
+        if "branch_test_top1" in record:
+            top1 = record["branch_test_top1"]
+            parts.append("branch top-1 " + " ".join(f"{x:6.2f}" for x in top1))
+            parts.append(f"ensemble top-1 {record['ensemble_test_top1']:6.2f}")
+            values.update({f"branch/test_top1_{b}": x for b, x in enumerate(top1)})
+        for prefix in ("recalibrated", "swa"):
+            if f"{prefix}_test_top1" in record:
+                parts.append(f"{prefix} top-1 {record[f'{prefix}_test_top1']:6.2f}")
+        if parts:
+            log.info("epoch %3d | %s", epoch, " | ".join(parts))
+        if values:
+            self.tracker.log(values, step=self.progress.global_step)
 
     def _stop(self, started: float) -> int:
         self.progress.wall_seconds = time.perf_counter() - started
@@ -598,6 +736,8 @@ class Trainer:
     def _finish(self, started: float) -> None:
         if self.rank == 0:
             ckpt.atomic_save(self.lookaround.consensus.state_dict(), self.run_dir / "consensus.pt")
+            if self.swa is not None:
+                ckpt.atomic_save(self.swa.module.state_dict(), self.run_dir / "swa.pt")
         self.tracker.finish()
         log.info("finished %d epochs in %.1f s: best test top-1 %.2f%%; consensus weights in %s",
                  self.config.train.epochs, time.perf_counter() - started, self.progress.best_top1,

@@ -218,3 +218,57 @@ def test_swa_recalibrates_batchnorm(tmp_path):
         torch.testing.assert_close(result["swa"]["1.running_var"], sum(variances) / 2, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(result["before"]["1.running_mean"], result["swa"]["1.running_mean"])
     assert results[0]["swa"]["1.num_batches_tracked"].item() == 3
+
+
+def read_records(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_lookahead_swa_run_end_to_end(tmp_path, demo_data):
+    from launch import quick_overrides, torchrun_train
+
+    run_dir = tmp_path / "lookahead"
+    options = {"train.method": "lookahead", "train.swa_epochs": 1, "train.swa_lr": 0.01,
+               "train.recalibrate_bn": "true", "train.bn_recalibration_batches": 2,
+               "train.max_steps_per_epoch": 4, "lookaround.k": 2, "data.batch_size": 8}
+    result = torchrun_train(2, quick_overrides(run_dir, **options))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "method lookahead: one model, 2 augmentations per step" in result.stdout
+    records = read_records(run_dir)
+    assert not any("round" in r for r in records), "one model: no branch distances"
+    epochs = [r for r in records if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    # Two ranks, 8 base samples each, 2 augmentations per step.
+    assert epochs[0]["images_per_second"] * epochs[0]["epoch_seconds"] == pytest.approx(4 * 8 * 2 * 2)
+    assert "swa_test_top1" not in epochs[0]
+    assert 0.0 <= epochs[1]["swa_test_top1"] <= 100.0
+    assert epochs[1]["lr"] == pytest.approx(0.01)
+    assert 0.0 <= epochs[1]["recalibrated_test_top1"] <= 100.0
+    assert (run_dir / "swa.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_independent_run_end_to_end(tmp_path, demo_data):
+    from launch import quick_overrides, torchrun_train
+
+    run_dir = tmp_path / "independent"
+    options = {"train.method": "independent", "train.max_steps_per_epoch": 4, "lookaround.k": 2,
+               "data.batch_size": 8}
+    result = torchrun_train(2, quick_overrides(run_dir, **options))
+    assert result.returncode == 0, result.stdout[-3000:]
+    records = read_records(run_dir)
+    rounds = [r for r in records if "round" in r]
+    epochs = [r for r in records if "round" not in r]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    # Never averaged: the branches drift further apart round after round.
+    distances = [r["pairwise_distance_rms"] for r in rounds]
+    assert distances[0] > 0
+    assert distances[-1] > distances[0]
+    for record in epochs:
+        assert len(record["branch_test_top1"]) == 2
+        assert record["test_top1"] == record["ensemble_test_top1"]

@@ -3,10 +3,11 @@
     lookaround-report runs/lookaround-seed0 runs/lookaround-seed1 runs/sgd-seed0 --output report/
 
 Runs are grouped by their label: ``--label-key`` names a config value (``section.key``)
-whose value labels the run (by default the method when the config has one, else the run
-directory's name without a trailing ``-seedN``). For each group the table gives the mean
-and the spread (sample standard deviation) over its runs of the final and best test top-1,
-the final top-5 and loss (NLL), images/s and wall time. A second table gives, where runs
+whose value labels the run. By default the label is the method when the config has one,
+else the run directory's name without a trailing ``-seedN``; ``--label-by-directory``
+always takes the directory's name. For each group the table gives the mean and the
+spread (sample standard deviation) over its runs of the final and best test top-1, the
+final top-5 and loss (NLL), images/s and wall time. A second table gives, where runs
 recorded them, the final mean top-1 of the single branches, their logit ensemble, the
 consensus with recomputed BatchNorm statistics and the SWA model. The plots show test
 top-1 and training loss against the epoch, and the branches' distance to the consensus
@@ -29,7 +30,9 @@ import yaml
 from ..metrics import read_metrics
 
 
-def run_label(run_dir: Path, config: dict, label_key: str | None) -> str:
+def run_label(run_dir: Path, config: dict, label_key: str | None, by_directory: bool = False) -> str:
+    if by_directory:
+        return re.sub(r"-seed\d+$", "", run_dir.name)
     if label_key:
         section, key = label_key.split(".", 1)
         return str(config.get(section, {}).get(key, "?"))
@@ -39,7 +42,7 @@ def run_label(run_dir: Path, config: dict, label_key: str | None) -> str:
     return re.sub(r"-seed\d+$", "", run_dir.name)
 
 
-def load_run(run_dir: Path, label_key: str | None) -> tuple[str, list[dict], list[dict]]:
+def load_run(run_dir: Path, label_key: str | None, by_directory: bool = False) -> tuple[str, list[dict], list[dict]]:
     """Return the run's label, its epoch records and its round records."""
     metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.is_file():
@@ -51,7 +54,7 @@ def load_run(run_dir: Path, label_key: str | None) -> tuple[str, list[dict], lis
     rounds = [r for r in all_records if "round" in r]
     if not records:
         raise ValueError(f"{metrics_file} holds no epoch records")
-    return run_label(run_dir, config or {}, label_key), records, rounds
+    return run_label(run_dir, config or {}, label_key, by_directory), records, rounds
 
 
 def mean_spread(values: list[float]) -> str:
@@ -167,13 +170,15 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
     parser.add_argument("--output", default="report", help="folder for report.md and the PNG plots")
     parser.add_argument("--label-key", help="config value (section.key) that labels each run")
+    parser.add_argument("--label-by-directory", action="store_true",
+                        help="label each run by its directory name without a trailing -seedN")
     args = parser.parse_args(argv)
 
     groups: dict[str, list[list[dict]]] = {}
     round_groups: dict[str, list[list[dict]]] = {}
     for run in args.runs:
         try:
-            label, records, rounds = load_run(Path(run), args.label_key)
+            label, records, rounds = load_run(Path(run), args.label_key, args.label_by_directory)
         except (FileNotFoundError, ValueError) as error:
             print(f"lookaround-report: {error}", file=sys.stderr)
             return 1
