@@ -32,9 +32,10 @@ STEP_KEY = "global_step"
 def flatten_lists(values: dict) -> dict:
     """Replace each list of numbers with one key per element.
 
-    The trainer's only list value contains one number per branch (``train_loss``), so
-    ``train_loss: [a, b]`` becomes ``train_loss_branch_0: a, train_loss_branch_1: b``,
-    which wandb plots as two curves instead of storing one opaque list.
+    Every list in the trainer's records contains one number per branch (``train_loss``,
+    ``branch_test_top1``), so ``train_loss: [a, b]`` becomes ``train_loss_branch_0: a,
+    train_loss_branch_1: b``, which wandb plots as two curves instead of storing one
+    opaque list.
     """
     flat: dict[str, Any] = {}
     for key, value in values.items():
