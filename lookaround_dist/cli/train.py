@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         from .dry_run import dry_run
 
-        return dry_run(config, args.world_size or world_size)
+        return dry_run(config, args.world_size if args.world_size is not None else world_size)
 
     from ..trainer import Trainer
 
