@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import hashlib
 import logging
 import math
 import sys
@@ -733,7 +734,26 @@ class Trainer:
                  self.progress.global_step)
         return 0
 
+    def _check_consensus_identical(self) -> str:
+        """Hash every rank's consensus and raise unless all ranks hold the same bytes."""
+        digest = hashlib.sha256()
+        for name, tensor in self.lookaround.consensus.state_dict().items():
+            digest.update(name.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digests = [digest.hexdigest()]
+        if self.topology.distributed:
+            digests = [None] * self.world_size
+            with collective("the consensus digest exchange"):
+                dist.all_gather_object(digests, digest.hexdigest())
+        if len(set(digests)) != 1:
+            listing = ", ".join(f"rank {r}: {d[:16]}" for r, d in enumerate(digests))
+            raise RuntimeError(f"the ranks hold different consensus weights at the end of the run ({listing})")
+        return digests[0]
+
     def _finish(self, started: float) -> None:
+        digest = self._check_consensus_identical()
+        log.info("consensus digest %s identical on all %d ranks", digest[:16], self.world_size)
         if self.rank == 0:
             ckpt.atomic_save(self.lookaround.consensus.state_dict(), self.run_dir / "consensus.pt")
             if self.swa is not None:

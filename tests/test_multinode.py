@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from launch import REPO, TORCHRUN, quick_overrides, torchrun_module
+from launch import REPO, TORCHRUN, quick_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -96,20 +97,9 @@ def test_two_nodes_share_one_consensus(tmp_path, demo_data):
         # groups {0, 2} and {1, 3} cross nodes.
         assert hosts == set(NODE_NAMES), hosts
 
-    # The consensus: every rank evaluated its own copy on its share of the validation
-    # set (rank r takes samples r, r + 4, ...) and the run summed the four results.
-    # lookaround-eval loads rank 0's saved copy on four ranks with the same shares and
-    # batches, so its sums match the run's bit for bit only if every rank's copy
-    # computed the same losses as rank 0's.
-    # NOTE: equal sums show equal losses, not bitwise equal weights. A difference too
-    # small to change any float32 loss of the 1000 samples would pass.
+    # The consensus: every rank hashes its own copy at the end of the run and the run
+    # fails unless all four digests agree; rank 0 logs the agreement.
+    assert re.search(r"consensus digest [0-9a-f]{16} identical on all 4 ranks", output), output[-3000:]
     metrics = read_epoch_records(run_dir)
     assert [record["epoch"] for record in metrics] == [0]
     assert (run_dir / "consensus.pt").is_file()
-    evaluated = torchrun_module(4, "lookaround_dist.cli.evaluate", [str(run_dir)], timeout=240)
-    assert evaluated.returncode == 0, evaluated.stdout[-3000:]
-    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
-    assert result["samples"] == 1000
-    assert result["test_top1"] == metrics[-1]["test_top1"]
-    assert result["test_top5"] == metrics[-1]["test_top5"]
-    assert result["test_loss"] == metrics[-1]["test_loss"]
