@@ -190,6 +190,7 @@ class Trainer:
         self.swa_lr = 0.0  # the constant learning rate of the current epoch, 0 outside SWA epochs
         self.branch_modules = None  # every branch's copy for evaluation, reused across epochs
         self.branch_results: dict = {}
+        self.branch_evaluation_seconds = 0.0  # time spent scoring branches in the current epoch
 
         # Stage 4: resume.
         self.progress = Progression()
@@ -396,7 +397,6 @@ class Trainer:
     def end_round(self) -> None:
         """Run the non-finite guard, the diversity measurement, then the average step."""
         bad = self._nonfinite_branches()
-        self._measure_diversity()
         healthy = None
         if bad:
             policy = self.config.train.nonfinite_policy
@@ -417,6 +417,7 @@ class Trainer:
                 log.warning("non-finite weights in branch(es) %s at %s: rolling back to the last consensus", bad, where)
                 self._rollback()
                 return
+        self._measure_diversity()
         with collective("the average step"):
             self.lookaround.average(healthy)
         if self.lookahead is not None:
@@ -521,6 +522,7 @@ class Trainer:
             average_ms, average_bytes, rounds = 0.0, 0, 0
             data_wait = 0.0
             epoch_started = time.perf_counter()
+            self.branch_evaluation_seconds = 0.0
             first_step = self.train_data.state_dict().get("step_in_epoch", 0)
             bar = Progress(self.rank == 0, steps_per_epoch, f"epoch {epoch}")
             iterator = iter(self.train_data)
@@ -562,7 +564,8 @@ class Trainer:
                 average_ms += self.lookaround.last_average.milliseconds
                 average_bytes += self.lookaround.last_average.bytes_reduced
                 rounds += 1
-            epoch_seconds = time.perf_counter() - epoch_started
+            # The branches are scored inside the epoch; their evaluation is not training time.
+            epoch_seconds = time.perf_counter() - epoch_started - self.branch_evaluation_seconds
             record = self._epoch_record(epoch, epoch_seconds, step_in_epoch - first_step, started,
                                         average_ms, average_bytes, rounds, data_wait)
             self.progress.epoch += 1
@@ -612,11 +615,13 @@ class Trainer:
         wanted = self.config.train.evaluate_branches or self.method == "independent"
         if self.eval_data is None or not wanted or self.topology.num_branches == 1:
             return
+        started = time.perf_counter()
         with collective("the branch evaluation at the end of an epoch"):
             self.branch_modules = gather_branch_modules(self.lookaround, self.branch_modules)
             self.branch_results = evaluate_branches(
                 self.branch_modules, self.eval_data, self.device, self.eval_data.num_samples,
                 self.amp_dtype, self.memory_format)
+        self.branch_evaluation_seconds += time.perf_counter() - started
 
     def _recalibrate(self, model: torch.nn.Module) -> None:
         count = min(self.config.train.bn_recalibration_batches, self.train_data.steps_per_epoch)
@@ -752,8 +757,10 @@ class Trainer:
         return digests[0]
 
     def _finish(self, started: float) -> None:
-        digest = self._check_consensus_identical()
-        log.info("consensus digest %s identical on all %d ranks", digest[:16], self.world_size)
+        # Independent branches never form a consensus, so their ranks hold different weights.
+        if self.method != "independent":
+            digest = self._check_consensus_identical()
+            log.info("consensus digest %s identical on all %d ranks", digest[:16], self.world_size)
         if self.rank == 0:
             ckpt.atomic_save(self.lookaround.consensus.state_dict(), self.run_dir / "consensus.pt")
             if self.swa is not None:
