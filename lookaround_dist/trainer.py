@@ -602,12 +602,9 @@ class Trainer:
         record = {"round": round_number, "epoch": self.progress.epoch, "step": self.progress.global_step,
                   **diversity.to_record()}
         self.metrics.write(record)
-        values = {"diversity/pairwise_distance_rms": diversity.pairwise_distance_rms,
-                  "diversity/consensus_norm": diversity.consensus_norm}
-        for b, (absolute, relative) in enumerate(zip(diversity.branch_distance, diversity.branch_distance_relative)):
-            values[f"diversity/branch_distance_{b}"] = absolute
-            values[f"diversity/branch_distance_relative_{b}"] = relative
-        self.tracker.log(values, step=self.progress.global_step)
+        # The tracker turns each per-branch list into one key per branch.
+        self.tracker.log({f"diversity/{key}": value for key, value in diversity.to_record().items()},
+                         step=self.progress.global_step)
 
     def _evaluate_branches(self) -> None:
         """Score every branch and their logit ensemble; called before the epoch's last average step."""
@@ -712,19 +709,15 @@ class Trainer:
 
     def _log_branch_results(self, epoch: int, record: dict) -> None:
         """Log the branch, ensemble, recalibrated and SWA scores of an epoch record, where present."""
-        parts, values = [], {}
+        parts = []
         if "branch_test_top1" in record:
-            top1 = record["branch_test_top1"]
-            parts.append("branch top-1 " + " ".join(f"{x:6.2f}" for x in top1))
+            parts.append("branch top-1 " + " ".join(f"{x:6.2f}" for x in record["branch_test_top1"]))
             parts.append(f"ensemble top-1 {record['ensemble_test_top1']:6.2f}")
-            values.update({f"branch/test_top1_{b}": x for b, x in enumerate(top1)})
         for prefix in ("recalibrated", "swa"):
             if f"{prefix}_test_top1" in record:
                 parts.append(f"{prefix} top-1 {record[f'{prefix}_test_top1']:6.2f}")
         if parts:
             log.info("epoch %3d | %s", epoch, " | ".join(parts))
-        if values:
-            self.tracker.log(values, step=self.progress.global_step)
 
     def _stop(self, started: float) -> int:
         self.progress.wall_seconds = time.perf_counter() - started
