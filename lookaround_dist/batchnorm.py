@@ -42,7 +42,7 @@ def recalibrate_batchnorm(module: nn.Module, batches: Iterable, num_batches: int
     ``num_batches`` and ``batches`` must hold at least that many, or the all-reduce
     hangs. Returns the number of batches used.
 
-    NOTE: the cross-rank running variance is the mean of the ranks' variances; it leaves
+    NOTE: the cross-rank running variance is the mean of the ranks' variances. It leaves
     out the spread of the ranks' means, which is small when every rank samples the same
     distribution.
     """
