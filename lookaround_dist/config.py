@@ -144,10 +144,11 @@ class TrainConfig:
     recalibrate_bn: bool = False
     """Also evaluate a copy of the consensus whose BatchNorm statistics are recomputed from
     training batches, beside the averaged statistics."""
-    diversity_interval_rounds: int = 1
+    diversity_interval_rounds: int = 0
     """Rounds between diversity measurements (branch distances to the consensus), taken
-    before the average step; each costs one all-reduce of the parameters (0 disables)."""
-    evaluate_branches: bool = True
+    before the average step; each costs one all-reduce of the parameters, so the default
+    (0) leaves them off and the method comparison turns them on."""
+    evaluate_branches: bool = False
     """At each epoch end, also evaluate every branch and their logit ensemble, measured
     before the epoch's last average step (d more evaluations per epoch)."""
     swa_lr: float = 0.0

@@ -116,7 +116,7 @@ def run_overrides(args, variant: Variant, seed: int, output: Path) -> list[str]:
     return [
         f"data.train_path={shard_pattern(folder, 'train', args.train_shards, 10)}",
         f"data.val_path={shard_pattern(folder, 'test', args.test_shards, 2)}",
-        "data.backend=torchvision",  # the shards are gzip-compressed tars, which DALI cannot read
+        "data.backend=torchvision",  # reads the gzip-compressed shards in place, no decompressed copy
         f"data.batch_size={args.batch_size}",
         "data.num_workers=1",
         "data.augmentations=[hflip,vflip,randaugment]",
@@ -132,6 +132,9 @@ def run_overrides(args, variant: Variant, seed: int, output: Path) -> list[str]:
         f"train.output_dir={output}",
         f"train.run_name={variant.name}-seed{seed}",
         "train.keep_checkpoints=1",
+        # Diversity every round and each branch's score every epoch, for the comparison.
+        "train.diversity_interval_rounds=1",
+        "train.evaluate_branches=true",
         "wandb.enabled=false",
         *variant.overrides,
         *args.overrides,
