@@ -22,10 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-import torch
-from torchvision.io import ImageReadMode, decode_image
 
 from .data.sources import IMAGE_EXTENSIONS, DataError, index_image_folder
+from .data.torchvision_backend import decode_rgb
 
 DALI_INDEX_VERSION = "v1.2"
 IMAGE_COMPONENTS = ("jpg", "jpeg", "png", "webp")
@@ -290,8 +289,7 @@ def _check_sample(parts: dict[str, bytes], num_classes: Optional[int]) -> Option
     if num_classes is not None and not 0 <= label < num_classes:
         return f"label {label} out of range for {num_classes} classes (0..{num_classes - 1})"
     try:
-        decode_image(torch.frombuffer(bytearray(parts[images[0]]), dtype=torch.uint8),
-                     mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as error:
+        decode_rgb(parts[images[0]])
+    except (OSError, ValueError) as error:
         return f".{images[0]} does not decode: {str(error).splitlines()[0]}"
     return None

@@ -21,7 +21,7 @@ import math
 from typing import Iterator, Optional, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -46,12 +46,21 @@ def mix_seed(*values: int) -> int:
     return state & 0x7FFFFFFFFFFFFFFF
 
 
+def decode_rgb(blob: bytes) -> torch.Tensor:
+    """Decode an encoded image to a 3-channel uint8 CHW tensor with PIL.
+
+    Raises OSError (PIL's UnidentifiedImageError included) or ValueError for data that
+    is not a complete image.
+    """
+    with Image.open(io.BytesIO(blob)) as image:
+        return pil_to_tensor(image.convert("RGB"))
+
+
 def decode(blob: bytes, index: SampleIndex, sample: int) -> torch.Tensor:
     """Decode an encoded image to a 3-channel uint8 CHW tensor; errors name shard and key."""
     try:
-        with Image.open(io.BytesIO(blob)) as image:
-            return pil_to_tensor(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+        return decode_rgb(blob)
+    except (OSError, ValueError) as error:
         entry = index.samples[sample]
         raise DataError(f"cannot decode image {entry.key} in {entry.source}: {error}") from None
 
