@@ -14,6 +14,7 @@ import argparse
 import datetime
 import logging
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -53,20 +54,36 @@ def images_per_second(data, images: int, batch_size: int) -> float:
     return taken / elapsed
 
 
-def measure(path: str, image_size: int, name: str, args, cache_dir: Path) -> tuple[float, float]:
+def measure(path: str, image_size: int, name: str, args, cache_dir: Path) -> tuple[float, float, float]:
+    """Median DALI and torchvision rates over ``args.repeats`` repetitions, and the median of
+    the per-repetition ratios. The order of the two backends alternates between repetitions,
+    so that a change of machine load hits both alike."""
     index = open_index(path)
     placement = Placement(branch_indices=(0,), position=0, ranks_per_branch=1, rank=0, world_size=1,
                           seed=0)
     common = dict(index=index, placement=placement, augmentations=[name], image_size=image_size,
                   batch_size=args.batch_size, mean=MEAN, std=STD)
 
-    dali = DaliTrainData(path=path, num_threads=args.threads, cache_dir=cache_dir, **common)
-    dali_rate = images_per_second(dali, args.images[image_size], args.batch_size)
-    dali.close()
+    def dali_rate() -> float:
+        dali = DaliTrainData(path=path, num_threads=args.threads, cache_dir=cache_dir, **common)
+        rate = images_per_second(dali, args.images[image_size], args.batch_size)
+        dali.close()
+        return rate
 
-    torchvision = TorchvisionTrainData(num_workers=args.threads, **common)
-    torchvision_rate = images_per_second(torchvision, args.images[image_size], args.batch_size)
-    return dali_rate, torchvision_rate
+    def torchvision_rate() -> float:
+        torchvision = TorchvisionTrainData(num_workers=args.threads, **common)
+        return images_per_second(torchvision, args.images[image_size], args.batch_size)
+
+    dali_rates, torchvision_rates = [], []
+    for repeat in range(args.repeats):
+        if repeat % 2 == 0:
+            dali_rates.append(dali_rate())
+            torchvision_rates.append(torchvision_rate())
+        else:
+            torchvision_rates.append(torchvision_rate())
+            dali_rates.append(dali_rate())
+    ratios = [d / t for d, t in zip(dali_rates, torchvision_rates)]
+    return statistics.median(dali_rates), statistics.median(torchvision_rates), statistics.median(ratios)
 
 
 def main() -> None:
@@ -80,6 +97,10 @@ def main() -> None:
     parser.add_argument("--imagenet-images", type=int, default=384, help="timed images per ImageNet run")
     parser.add_argument("--augmentations", default=",".join(augment.AUGMENTATIONS),
                         help="comma-separated augmentation names (default: all)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="repetitions per row; rates and ratio are medians (default 1)")
+    parser.add_argument("--datasets", default="cifar10,imagenet-samples",
+                        help="comma-separated data sets to measure (default: both)")
     args = parser.parse_args()
     args.images = {32: args.cifar_images, 224: args.imagenet_images}
     logging.basicConfig(level=logging.WARNING)
@@ -87,18 +108,19 @@ def main() -> None:
 
     cifar = str(args.data_dir / "cifar10" / "train-000000.tar.gz")
     imagenet = ",".join(str(p) for p in sorted((args.data_dir / "imagenet-samples").glob("samples-*.tar")))
-    datasets = [("cifar10", cifar, 32), ("imagenet-samples", imagenet, 224)]
+    datasets = [(name, path, size) for name, path, size in
+                (("cifar10", cifar, 32), ("imagenet-samples", imagenet, 224))
+                if name in args.datasets.split(",")]
 
     print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | "
           f"{torch.get_num_threads()} torch thread(s) | threads/workers={args.threads} | "
-          f"batch={args.batch_size} | CUDA available: {torch.cuda.is_available()}")
+          f"batch={args.batch_size} | repeats={args.repeats} | CUDA available: {torch.cuda.is_available()}")
     print("| data | size | augmentation | DALI img/s | torchvision img/s | ratio | target | met |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory(prefix="bench-input-") as cache:
         for data_name, path, image_size in datasets:
             for name in args.augmentations.split(","):
-                dali_rate, torchvision_rate = measure(path, image_size, name, args, Path(cache))
-                ratio = dali_rate / torchvision_rate
+                dali_rate, torchvision_rate, ratio = measure(path, image_size, name, args, Path(cache))
                 target = target_ratio(image_size, name)
                 print(f"| {data_name} | {image_size} | {name} | {dali_rate:.0f} | {torchvision_rate:.0f} | "
                       f"{ratio:.2f} | {target:.1f} | {'yes' if ratio >= target else 'no'} |", flush=True)
