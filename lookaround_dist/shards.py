@@ -65,7 +65,7 @@ def pack_image_folder(root: str | Path, output_dir: str | Path, samples_per_shar
         raise DataError(f"ImageFolder tree not found: {root}")
     samples = index_image_folder(root)
     if not samples:
-        raise DataError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders")
+        raise DataError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders")
     random.Random(seed).shuffle(samples)
 
     num_shards = -(-len(samples) // samples_per_shard)
@@ -143,7 +143,7 @@ def dali_index_text(path: str | Path) -> str:
     except (tarfile.TarError, OSError, EOFError) as error:
         raise DataError(f"cannot read shard {path}: {error}") from None
     if not bundles:
-        raise DataError(f"shard {path} holds no samples")
+        raise DataError(f"shard {path} contains no samples")
     lines = [f"{DALI_INDEX_VERSION} {len(bundles)}"] + [" ".join(bundle) for bundle in bundles]
     return "\n".join(lines) + "\n"
 

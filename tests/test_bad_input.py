@@ -104,7 +104,7 @@ def test_label_out_of_range_rejected(tmp_path, monkeypatch, capsys, shards):
 
 @pytest.mark.parametrize("case, expected", [
     ("missing", "shard not found: "),
-    ("empty", "holds no samples"),
+    ("empty", "contains no samples"),
 ])
 def test_missing_or_empty_data_rejected(tmp_path, monkeypatch, capsys, shards, case, expected):
     path = tmp_path / "absent-000000.tar" if case == "missing" else shards["empty"]

@@ -45,4 +45,4 @@ def test_report_table_and_plots(tmp_path):
 def test_report_rejects_folder_without_metrics(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--output", str(tmp_path / "out")]) == 1
-    assert "holds no metrics.jsonl" in capsys.readouterr().err
+    assert "contains no metrics.jsonl" in capsys.readouterr().err

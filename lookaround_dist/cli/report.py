@@ -46,14 +46,14 @@ def load_run(run_dir: Path, label_key: str | None, by_directory: bool = False) -
     """Return the run's label, its epoch records and its round records."""
     metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl")
+        raise FileNotFoundError(f"{run_dir} contains no metrics.jsonl")
     config_file = run_dir / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     all_records = read_metrics(metrics_file)
     records = [r for r in all_records if "epoch" in r and "round" not in r]
     rounds = [r for r in all_records if "round" in r]
     if not records:
-        raise ValueError(f"{metrics_file} holds no epoch records")
+        raise ValueError(f"{metrics_file} contains no epoch records")
     return run_label(run_dir, config or {}, label_key, by_directory), records, rounds
 
 

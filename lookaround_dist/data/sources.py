@@ -48,7 +48,7 @@ def expand_shards(spec: str) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if is_shard(p))
             if not found:
-                raise DataError(f"folder {path} holds no shards (*.tar, *.tar.gz)")
+                raise DataError(f"folder {path} contains no shards (*.tar, *.tar.gz)")
             paths.extend(found)
             continue
         for name in braceexpand.braceexpand(part):
@@ -85,7 +85,7 @@ class SampleIndex:
 
     def __init__(self, samples: list[Sample], num_classes: Optional[int], description: str):
         if not samples:
-            raise DataError(f"{description} holds no samples")
+            raise DataError(f"{description} contains no samples")
         self.samples = samples
         self.description = description
         if num_classes is not None:
