@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,26 @@ class MetricsWriter:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record, sort_keys=False) + "\n")
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop records of steps after ``last_step`` from a metrics file; return how many.
+
+    A run resumed from a checkpoint repeats the steps after it, and their records with
+    them, so the records that a stopped run wrote past its checkpoint are removed first.
+    The file is replaced atomically.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) == len(lines):
+        return 0
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)
+    return len(lines) - len(kept)
 
 
 def read_metrics(path: Path) -> list[dict]:

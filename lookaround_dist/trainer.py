@@ -39,11 +39,12 @@ from .config import RunConfig, save_config
 from .data import DataError, build_eval_data, build_train_data, open_index, resolve_backend
 from .data.sources import expand_shards, is_image_folder
 from .data.augment import AUGMENTATIONS, check_augmentations
+from .evaluation import evaluate_model
 from .distributed import barrier, collective, env_world, gather_hosts, init_process_group, select_device
 from .diversity import evaluate_branches, gather_branch_modules, measure_diversity
 from .methods import (SINGLE_MODEL_METHODS, Lookahead, StochasticWeightAverage, batches_for_branches,
                       build_branches, data_placement, model_branch_count)
-from .metrics import MetricsWriter, Progress
+from .metrics import MetricsWriter, Progress, truncate_metrics
 from .models import check_model_name, model_factory
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest, ignore_in_loader_workers
 from .schedule import build_optimizer, build_scheduler
@@ -376,6 +377,14 @@ class Trainer:
         self.train_data.load_state_dict(rank_state["data"])
         ckpt.restore_random_states(rank_state["random"])
         log.info("resumed from %s: epoch %d, step %d", folder, self.progress.epoch, self.progress.global_step)
+        if self.rank == 0:
+            dropped = truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.global_step)
+            if dropped:
+                log.info("dropped %d metrics record(s) written after that checkpoint; they are "
+                         "written again as the run repeats those steps", dropped)
+        if self.progress.epoch >= self.config.train.epochs:
+            log.info("the run already finished its %d epochs: nothing to train (raise train.epochs "
+                     "to train further)", self.config.train.epochs)
 
     # ----- the round boundary --------------------------------------------------------
     def _nonfinite_branches(self) -> list[int]:
@@ -464,29 +473,10 @@ class Trainer:
         """Top-1, top-5 and loss of ``model`` (the consensus by default), each sample counted
         once over all ranks."""
         model = model if model is not None else self.lookaround.consensus
-        model.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, count
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
-                    if self.amp_dtype is not None else contextlib.nullcontext())
-        for images, labels in self.eval_data:
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            labels = labels.to(self.device, non_blocking=True)
-            with autocast:
-                logits = model(images)
-            totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top5 == labels[:, None]
-            totals[1] += hits[:, 0].sum()
-            totals[2] += hits.any(dim=1).sum()
-            totals[3] += labels.numel()
-        if self.topology.distributed:
-            with collective("the evaluation all-reduce"):
-                dist.all_reduce(totals)
+        result = evaluate_model(model, self.eval_data, self.device, self.amp_dtype, self.memory_format)
         model.train()
-        loss, top1, top5, count = totals.tolist()
-        if int(count) != self.eval_data.num_samples:
-            raise RuntimeError(f"evaluation counted {int(count)} samples, expected {self.eval_data.num_samples}")
-        return {"test_top1": 100.0 * top1 / count, "test_top5": 100.0 * top5 / count, "test_loss": loss / count}
+        del result["samples"]
+        return result
 
     def _branch_losses(self) -> tuple[list[float], int]:
         """Mean training loss of each branch over the epoch, averaged over its ranks, and the
