@@ -116,3 +116,20 @@ def test_augmentation_independent_of_workers_and_resume(index):
         assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[1][0], b[1][0])
     assert len(resumed) == 1
     assert torch.equal(resumed[0][0][0], plain[2][0][0])
+
+
+def test_image_folder_tree_read_in_class_order(tmp_path):
+    from PIL import Image
+
+    for label, name in enumerate(["cat", "airplane"]):  # classes are numbered in sorted order
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 36), color=(60 * label, 10 * i, 0)).save(folder / f"{i}.jpg")
+    index = open_index(str(tmp_path), num_classes=2)
+    assert len(index) == 6
+    assert {s.key.split("/")[0]: s.label for s in index.samples} == {"airplane": 0, "cat": 1}
+    data = TorchvisionTrainData(index, placements(1, 1)[0], ["hflip"], 32, 6, 0, [0.5] * 3, [0.25] * 3)
+    (images, labels), = next(iter(data))
+    assert images.shape == (6, 3, 32, 32)
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
