@@ -130,14 +130,18 @@ class Lookaround:
             return True
         return False
 
-    def average(self, healthy: Optional[Sequence[bool]] = None) -> AverageStats:
-        """Run an average step now (the end of an epoch, or a shorter last round)."""
+    def average(self, healthy: Optional[Sequence[bool]] = None, check_integers: bool = True) -> AverageStats:
+        """Run an average step now (the end of an epoch, or a shorter last round).
+
+        ``check_integers=False`` skips the check that integer buffers agree on every rank
+        (see :meth:`BranchAverager.average`).
+        """
         optimizers = None
         if self.average_optimizer_state:
             optimizers = [b.optimizer for b in self.branches]
             if any(o is None for o in optimizers):
                 raise ValueError("average_optimizer_state needs an optimizer on every branch")
-        stats = self.averager.average(optimizers, healthy)
+        stats = self.averager.average(optimizers, healthy, check_integers=check_integers)
         self.steps_in_round = 0
         self.rounds_completed += 1
         return stats

@@ -135,8 +135,15 @@ class BranchAverager:
         self.topology = topology
         self.modules = list(modules)
         states = [split_state(m) for m in self.modules]
-        self.param_buckets = build_buckets([s[0] for s in states])
-        self.buffer_buckets = build_buckets([s[1] for s in states]) if states[0][1] else []
+        if topology.ranks_per_branch == 1:
+            # With one rank per branch the peer group spans the world and both divisors are
+            # the number of branches, so parameters and buffers share flat buffers and one
+            # all-reduce per dtype carries both.
+            self.param_buckets = build_buckets([s[0] + s[1] for s in states])
+            self.buffer_buckets = []
+        else:
+            self.param_buckets = build_buckets([s[0] for s in states])
+            self.buffer_buckets = build_buckets([s[1] for s in states]) if states[0][1] else []
         self.int_tensors = [s[2] for s in states]
         self._build_integer_buffers()
         self.optimizer_buckets: Optional[list[Bucket]] = None
@@ -197,12 +204,14 @@ class BranchAverager:
 
     # ----- public --------------------------------------------------------------------
     def average(self, optimizers: Optional[Sequence[torch.optim.Optimizer]] = None,
-                healthy: Optional[Sequence[bool]] = None) -> AverageStats:
+                healthy: Optional[Sequence[bool]] = None, check_integers: bool = True) -> AverageStats:
         """Average every hosted branch into the consensus, in place.
 
         ``optimizers``, when given, also have their floating-point state averaged.
         ``healthy`` (one flag per global branch, equal on every rank) leaves unhealthy
         branches out of the mean; they receive the consensus like the others.
+        ``check_integers=False`` skips the integer-buffer check and its collective; a loop
+        that averages often can check once per epoch instead.
         """
         started = time.perf_counter()
         self.stats = AverageStats()
@@ -216,7 +225,7 @@ class BranchAverager:
 
         # Every collective starts before the first is waited on, so that their latencies
         # overlap. Every rank starts them in the same order.
-        integer_work = self._start_integer_check()
+        integer_work = self._start_integer_check() if check_integers else None
         pending = []
         for bucket in self.param_buckets:
             pending.append((bucket, topology.peer_group, num_healthy))
@@ -237,7 +246,8 @@ class BranchAverager:
                 work.wait()
         # The module tensors are written only after the integer check passed, so a failed
         # check leaves every branch as it was.
-        self._finish_integer_check()
+        if check_integers:
+            self._finish_integer_check()
         for bucket, _, divisor in pending:
             self._unpack_bucket(bucket, divisor)
 

@@ -90,7 +90,7 @@ class IndependentBranches(Lookaround):
     rank to rank when ranks host different branches.
     """
 
-    def average(self, healthy: Optional[Sequence[bool]] = None) -> AverageStats:
+    def average(self, healthy: Optional[Sequence[bool]] = None, check_integers: bool = True) -> AverageStats:
         self.steps_in_round = 0
         self.rounds_completed += 1
         self.averager.stats = AverageStats()

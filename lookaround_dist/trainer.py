@@ -403,8 +403,12 @@ class Trainer:
         self._stop_agreed = values[-1] > 0
         return [b for b in range(self.topology.num_branches) if values[b] > 0]
 
-    def end_round(self) -> None:
-        """Run the non-finite guard, the diversity measurement, then the average step."""
+    def end_round(self, epoch_end: bool = False) -> None:
+        """Run the non-finite guard, the diversity measurement, then the average step.
+
+        The check that integer buffers agree on every rank costs a collective of its own,
+        so it runs at the epoch's last average step only.
+        """
         bad = self._nonfinite_branches()
         healthy = None
         if bad:
@@ -428,7 +432,7 @@ class Trainer:
                 return
         self._measure_diversity()
         with collective("the average step"):
-            self.lookaround.average(healthy)
+            self.lookaround.average(healthy, check_integers=epoch_end)
         if self.lookahead is not None:
             self.lookahead.synchronize()
         if self.config.train.nonfinite_policy == "rollback":
@@ -533,7 +537,7 @@ class Trainer:
                 if self.lookaround.tick():
                     if step_in_epoch == steps_per_epoch:
                         self._evaluate_branches()
-                    self.end_round()
+                    self.end_round(epoch_end=step_in_epoch == steps_per_epoch)
                     average_ms += self.lookaround.last_average.milliseconds
                     average_bytes += self.lookaround.last_average.bytes_reduced
                     rounds += 1
@@ -550,7 +554,7 @@ class Trainer:
             # The epoch ends on an average step, so that a consensus exists to evaluate.
             if self.lookaround.steps_in_round > 0:
                 self._evaluate_branches()
-                self.end_round()
+                self.end_round(epoch_end=True)
                 average_ms += self.lookaround.last_average.milliseconds
                 average_bytes += self.lookaround.last_average.bytes_reduced
                 rounds += 1

@@ -60,10 +60,15 @@ def test_four_ranks_two_branches_average(four_ranks):
     assert after[0]["1.num_batches_tracked"].item() == 3
 
 
-def test_average_uses_one_collective_per_bucket(tmp_path):
+def test_average_uses_one_collective_per_bucket(tmp_path, four_ranks):
     results = run_group(average_worker, 2, tmp_path, num_branches=2, steps=1)
-    # float32 parameters, float32 buffers, and the integer-buffer check.
-    assert results[0]["collectives"] == 3
+    # One rank per branch: parameters and buffers share one float32 bucket, plus the
+    # integer-buffer check, which can be skipped.
+    assert results[0]["collectives"] == 2
+    assert results[0]["collectives_unchecked"] == 1
+    # Two ranks per branch: parameters over the peer group, buffers over the world.
+    assert four_ranks[0]["collectives"] == 3
+    assert four_ranks[0]["collectives_unchecked"] == 2
 
 
 def test_sequential_matches_parallel_layout(tmp_path):

@@ -68,7 +68,9 @@ def average_worker(rank, world_size, port, out_dir, num_branches, steps, seed_pe
     momentum = {b.index: [s["momentum_buffer"].clone() for s in b.optimizer.state.values()]
                 for b in lookaround.branches}
     strides = {b.index: b.module[0].weight.stride() for b in lookaround.branches}
+    unchecked = lookaround.average(check_integers=False).collectives
     torch.save({"start": start, "before": before, "after": after, "collectives": stats.collectives,
+                "collectives_unchecked": unchecked,
                 "momentum": momentum, "strides": strides, "branches": list(topology.branch_indices)},
                Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
