@@ -258,7 +258,7 @@ def test_independent_run_end_to_end(tmp_path, demo_data):
 
     run_dir = tmp_path / "independent"
     options = {"train.method": "independent", "train.max_steps_per_epoch": 4, "lookaround.k": 2,
-               "data.batch_size": 8}
+               "data.batch_size": 8, "train.diversity_interval_rounds": 1}
     result = torchrun_train(2, quick_overrides(run_dir, **options))
     assert result.returncode == 0, result.stdout[-3000:]
     records = read_records(run_dir)
