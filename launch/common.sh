@@ -28,6 +28,24 @@ count_gpus() {
     "$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
 }
 
+# Print the number of training processes: the given --nproc value, else the number of
+# visible GPUs. Prints an error and returns 2 when neither is a positive integer.
+resolve_nproc() {
+    local nproc="$1"
+    if [[ -z "$nproc" ]]; then
+        nproc="$(count_gpus)"
+        if (( nproc == 0 )); then
+            echo "error: no CUDA device found; pass --nproc N to train with N CPU processes" >&2
+            return 2
+        fi
+    fi
+    if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: --nproc must be a positive integer, got '$nproc'" >&2
+        return 2
+    fi
+    echo "$nproc"
+}
+
 forward_usr1_to_training_processes() {
     local pid_file pid
     for pid_file in "$EXIT_CODE_DIR"/*.pid; do

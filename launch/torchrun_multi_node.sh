@@ -64,17 +64,7 @@ if ! [[ "$rdzv_endpoint" =~ ^[^:]+:[0-9]+$ ]]; then
     echo "error: --rdzv-endpoint must be HOST:PORT, got '$rdzv_endpoint'" >&2
     exit 2
 fi
-if [[ -z "$nproc" ]]; then
-    nproc="$(count_gpus)"
-    if (( nproc == 0 )); then
-        echo "error: no CUDA device found; pass --nproc N to train with N CPU processes" >&2
-        exit 2
-    fi
-fi
-if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
-    echo "error: --nproc must be a positive integer, got '$nproc'" >&2
-    exit 2
-fi
+nproc="$(resolve_nproc "$nproc")" || exit 2
 
 rendezvous_options=()
 if [[ -n "$node_rank" ]]; then

@@ -34,17 +34,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-if [[ -z "$nproc" ]]; then
-    nproc="$(count_gpus)"
-    if (( nproc == 0 )); then
-        echo "error: no CUDA device found; pass --nproc N to train with N CPU processes" >&2
-        exit 2
-    fi
-fi
-if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
-    echo "error: --nproc must be a positive integer, got '$nproc'" >&2
-    exit 2
-fi
+nproc="$(resolve_nproc "$nproc")" || exit 2
 
 set +e
 run_torchrun "$nproc" \
