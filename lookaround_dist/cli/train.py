@@ -49,7 +49,15 @@ def main(argv=None) -> int:
 
         return dry_run(config, args.world_size if args.world_size is not None else world_size)
 
-    from ..trainer import Trainer
+    from ..averaging import AveragingError
+    from ..checkpoint import CheckpointError
+    from ..distributed import CollectiveError
+    from ..trainer import NonFiniteError, Trainer
+
+    # Failures with a message that says what to do; ValueError covers the config,
+    # topology and data errors.
+    expected_errors = (ValueError, FileNotFoundError, FileExistsError, AveragingError,
+                       CheckpointError, CollectiveError, NonFiniteError)
 
     # Workers that torchrun restarts (--max-restarts) continue from the latest checkpoint
     # of the same run directory without a human adding --resume.
@@ -61,8 +69,12 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(config, resume=resume)
         code = trainer.run()
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+    except expected_errors as error:
         log.error("%s: %s", type(error).__name__, error)
+        return 1
+    except RuntimeError as error:
+        # Not one of the failures the trainer reports itself: keep the traceback.
+        log.exception("unexpected error: %s", error)
         return 1
     finally:
         if trainer is not None:
