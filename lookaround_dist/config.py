@@ -72,8 +72,11 @@ class OptimConfig:
     lr: float = 0.1
     """Peak learning rate, reached at the end of the warm-up."""
     momentum: float = 0.9
+    """SGD momentum (ignored by adamw)."""
     weight_decay: float = 5e-4
+    """L2 penalty for sgd, decoupled weight decay for adamw."""
     nesterov: bool = False
+    """Nesterov momentum for sgd."""
     schedule: str = "cosine"
     """Decay after warm-up: cosine, multistep or constant."""
     warmup_epochs: float = 1.0
@@ -81,6 +84,7 @@ class OptimConfig:
     milestones: list = dataclasses.field(default_factory=list)
     """Epochs at which multistep decay multiplies the learning rate by gamma."""
     gamma: float = 0.1
+    """Factor applied to the learning rate at each multistep milestone."""
 
 
 @dataclasses.dataclass
@@ -96,6 +100,7 @@ class LookaroundConfig:
 @dataclasses.dataclass
 class TrainConfig:
     epochs: int = 200
+    """Passes over the training data; each ends on an average step and an evaluation."""
     seed: int = 0
     """Seed for model initialization, sample order and augmentations."""
     device: str = "auto"
@@ -158,10 +163,15 @@ class TrainConfig:
 @dataclasses.dataclass
 class WandbConfig:
     enabled: bool = False
+    """Track the run in wandb from global rank 0."""
     project: str = "lookaround"
+    """wandb project name."""
     entity: Optional[str] = None
+    """wandb team or user; null uses the account's default."""
     name: Optional[str] = None
+    """wandb run name; null uses the run directory's name."""
     tags: list = dataclasses.field(default_factory=list)
+    """wandb tags of the run."""
     mode: str = "offline"
     """offline, online or disabled; the WANDB_MODE environment variable takes precedence."""
 
