@@ -99,7 +99,7 @@ def split_state(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tenso
 
 
 def optimizer_float_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The optimizer's floating-point state tensors (momentum, Adam moments) in a fixed order."""
+    """Return the optimizer's floating-point state tensors (momentum, Adam moments) in a fixed order."""
     tensors = []
     for group in optimizer.param_groups:
         for param in group["params"]:

@@ -54,7 +54,7 @@ class DataConfig:
     last_batch: str = "drop"
     """Handling of the incomplete last base batch of an epoch: drop or pad (repeat samples)."""
     on_decode_error: str = "raise"
-    """What an undecodable image does: raise (naming shard and key) or skip (counted)."""
+    """Action for an image that does not decode: raise (naming shard and key) or skip (counted)."""
     mean: list = dataclasses.field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
     """Per-channel normalization mean (RGB, 0..1 scale)."""
     std: list = dataclasses.field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
@@ -131,7 +131,7 @@ class TrainConfig:
     preemption_signal: str = "SIGUSR1"
     """Signal (besides SIGTERM) that makes all ranks save a checkpoint and exit for requeue."""
     nonfinite_policy: str = "stop"
-    """What a branch with non-finite weights does at the average step: stop (raise), skip
+    """Action at the average step for a branch with non-finite weights: stop (raise), skip
     (average the healthy branches only) or rollback (restore the last consensus)."""
     method: str = "lookaround"
     """Training method, all on the same data and step budget: lookaround; sgd (one model

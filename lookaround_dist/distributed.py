@@ -28,7 +28,7 @@ def restart_count() -> int:
 
 
 def select_device(requested: str, local_rank: int) -> torch.device:
-    """The device of this process: the GPU of its LOCAL_RANK, or the CPU."""
+    """Return the device of this process: the GPU of its LOCAL_RANK, or the CPU."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda was requested but CUDA is not available; use train.device=cpu")
@@ -65,7 +65,7 @@ def init_process_group(device: torch.device, timeout_seconds: float) -> None:
 
 
 def gather_hosts() -> list[str]:
-    """The host name of every rank, indexed by rank."""
+    """Return the host name of every rank, indexed by rank."""
     host = socket.gethostname()
     if not (dist.is_available() and dist.is_initialized()):
         return [host]

@@ -58,7 +58,7 @@ class StopRequest:
                         self.received)
 
     def agreed(self, group=None, device: Optional[torch.device] = None) -> bool:
-        """Whether any rank received a stop signal; the same answer on every rank."""
+        """Return whether any rank received a stop signal, the same value on every rank."""
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32, device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)

@@ -117,7 +117,7 @@ class Layout:
         return self.all_peer_groups()[self.position if self.branches_per_rank == 1 else 0]
 
     def describe(self) -> list[str]:
-        """One line per branch: its index and the ranks that run it."""
+        """Return one line per branch: its index and the ranks that run it."""
         return [
             f"branch {b}: ranks {list(self.branch_ranks(b))}" for b in range(self.num_branches)
         ]

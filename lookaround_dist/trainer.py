@@ -60,7 +60,7 @@ class NonFiniteError(RuntimeError):
 
 @dataclasses.dataclass
 class Progression:
-    """Where the run stands; saved in every checkpoint."""
+    """Progress counters of the run, saved in every checkpoint."""
 
     epoch: int = 0
     global_step: int = 0

@@ -92,7 +92,8 @@ def test_hosted_branches_get_same_labels(index):
     for batches in steps:
         assert len(batches) == 3
         labels = [labels for _, labels in batches]
-        assert torch.equal(labels[0], labels[1]) and torch.equal(labels[0], labels[2])
+        assert torch.equal(labels[0], labels[1])
+        assert torch.equal(labels[0], labels[2])
         images = [images for images, _ in batches]
         assert images[0].shape == (8, 3, 32, 32)
         assert not torch.equal(images[0], images[1]), "each branch has its own augmentation"
@@ -113,7 +114,8 @@ def test_augmentation_independent_of_workers_and_resume(index):
     with_workers = batches(2)
     resumed = batches(0, start=2)
     for a, b in zip(plain, with_workers):
-        assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[1][0], b[1][0])
+        assert torch.equal(a[0][0], b[0][0])
+        assert torch.equal(a[1][0], b[1][0])
     assert len(resumed) == 1
     assert torch.equal(resumed[0][0][0], plain[2][0][0])
 

@@ -135,7 +135,7 @@ class BaseBatchSampler:
         self.steps = min(full, max_steps) if max_steps > 0 else full
 
     def order(self, branch: int) -> torch.Tensor:
-        """The epoch's sample order; the same for every branch unless sampling is independent."""
+        """Return the epoch's sample order, the same for every branch unless sampling is independent."""
         salt = branch + 1 if self.independent else 0
         generator = torch.Generator().manual_seed(mix_seed(self.placement.seed, self.epoch, salt))
         order = torch.randperm(self.num_samples, generator=generator)
