@@ -339,13 +339,15 @@ def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> 
     return 100.0 * correct / len(images)
 
 
-def run_sequential(args) -> dict:
-    """P3: train every implementation on the same batches, one round at a time in turn."""
+def run_sequential(args, seed: int) -> dict:
+    """P3 for one seed: train every implementation on the same batches, one round at a time in turn."""
     torch.set_num_threads(1)
     train_images, train_labels = load_demo("train")
     test_images, test_labels = load_demo("test")
     num_branches, k = 3, 5
+    torch.manual_seed(seed)  # the starting weights; every implementation copies them below
     runs = {"ours fp32": SequentialRun(num_branches, k, args.lr),
+            "ours fp32 channels-last": SequentialRun(num_branches, k, args.lr, channels_last=True),
             "ours bf16 channels-last": SequentialRun(num_branches, k, args.lr, bf16=True, channels_last=True)}
     if args.authors_lookaround:
         runs["authors fp32"] = AuthorsRun(load_authors_optimizer(args.authors_lookaround), num_branches, k, args.lr)
@@ -359,10 +361,10 @@ def run_sequential(args) -> dict:
     names = list(runs)
     for round_index in range(steps // k):
         shift = round_index % len(names)
+        batches_per_step = [[branch_batch(train_images, train_labels, step, b, args.p3_batch, seed)
+                             for b in range(num_branches)]
+                            for step in range(round_index * k, (round_index + 1) * k)]
         for name in names[shift:] + names[:shift]:
-            batches_per_step = [[branch_batch(train_images, train_labels, step, b, args.p3_batch, args.seed)
-                                 for b in range(num_branches)]
-                                for step in range(round_index * k, (round_index + 1) * k)]
             started = time.perf_counter()
             for batches in batches_per_step:
                 runs[name].train_step(batches)
@@ -370,7 +372,18 @@ def run_sequential(args) -> dict:
     images = steps * args.p3_batch * num_branches
     return {name: {"images_per_second": images / seconds[name],
                    "top1": top1(runs[name].consensus(), test_images, test_labels)}
-            for name in runs} | {"steps": steps}
+            for name in runs}
+
+
+def run_sequential_seeds(args) -> dict:
+    """P3 over every seed of ``--p3-seeds``: per implementation, the img/s and top-1 of each seed."""
+    results: dict = {"steps": args.p3_steps - args.p3_steps % 5, "seeds": args.p3_seeds}
+    for seed in args.p3_seeds:
+        for name, result in run_sequential(args, seed).items():
+            entry = results.setdefault(name, {"images_per_second": [], "top1": []})
+            entry["images_per_second"].append(result["images_per_second"])
+            entry["top1"].append(result["top1"])
+    return results
 
 
 # ----- P4: peak memory of sequential mode ----------------------------------------------
@@ -500,10 +513,10 @@ def mark(met: bool) -> str:
 def print_report(args, group: dict, sequential: dict, memory: dict, gpu) -> None:
     print(f"# {datetime.date.today()} | {platform.machine()}, {os.cpu_count()} CPU cores | "
           f"torch {torch.__version__} | CUDA available: {torch.cuda.is_available()}")
-    print(f"# P1/P2: W={args.world_size} gloo ranks, one thread each, ResNet-20, batch {args.batch} per rank, "
-          f"{args.steps} steps per measurement, {args.repetitions} interleaved repetitions, medians")
     print()
     if group is not None:
+        print(f"# P1/P2: W={args.world_size} gloo ranks, one thread each, ResNet-20, batch {args.batch} per rank, "
+              f"{args.steps} steps per measurement, {args.repetitions} interleaved repetitions, medians")
         print_group(args, group)
     if sequential is not None:
         print_sequential(args, sequential)
@@ -540,24 +553,45 @@ def print_group(args, group: dict) -> None:
     print()
 
 
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Return the mean and the sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def print_sequential(args, sequential: dict) -> None:
+    seeds = sequential["seeds"]
     print(f"# P3: W=1, d=3, k=5, ResNet-20, batch {args.p3_batch} per branch, {sequential['steps']} steps "
-          f"on the demo training subset, rounds interleaved; top-1 on the 1,000 demo test images")
+          f"on the demo training subset, rounds interleaved, seeds {', '.join(map(str, seeds))}; "
+          f"img/s is the median over seeds, top-1 on the 1,000 demo test images is mean +- standard deviation")
     print("| row | implementation | img/s | top-1 % | img/s ratio to authors | target | met |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     authors = sequential.get("authors fp32")
     for name, result in sequential.items():
-        if name == "steps":
+        if name in ("steps", "seeds"):
             continue
+        rate = median(result["images_per_second"])
+        top1_mean, top1_spread = mean_and_spread(result["top1"])
         if authors is None:
             ratio_text, met = "n/a", "n/a"
         else:
-            ratio = result["images_per_second"] / authors["images_per_second"]
+            ratio = rate / median(authors["images_per_second"])
             ratio_text, met = f"{ratio:.2f}", ("" if name == "authors fp32" else mark(ratio >= 1.2))
-        print(f"| P3 | {name} | {result['images_per_second']:.0f} | {result['top1']:.1f} | {ratio_text} | "
+        print(f"| P3 | {name} | {rate:.0f} | {top1_mean:.1f} +- {top1_spread:.1f} | {ratio_text} | "
               f"{'' if name == 'authors fp32' else '1.2'} | {met} |")
     if authors is None:
         print("P3 authors row skipped: pass --authors-lookaround PATH (their lookaround.py) to include it")
+    else:
+        # Same accuracy within noise: the gap of the means is under two standard errors of
+        # that gap, from the spread over seeds.
+        theirs_mean, theirs_spread = mean_and_spread(authors["top1"])
+        for name in ("ours fp32", "ours bf16 channels-last"):
+            ours_mean, ours_spread = mean_and_spread(sequential[name]["top1"])
+            error = ((ours_spread ** 2 + theirs_spread ** 2) / len(seeds)) ** 0.5
+            gap = ours_mean - theirs_mean
+            verdict = "within noise" if len(seeds) > 1 and abs(gap) <= 2 * error else (
+                "not judged (one seed)" if len(seeds) == 1 else "outside noise")
+            print(f"P3 accuracy, {name} minus authors: {gap:+.1f} points, two standard errors "
+                  f"{2 * error:.1f}: {verdict}")
     print()
 
 
@@ -609,7 +643,9 @@ def main() -> None:
     parser.add_argument("--p3-steps", type=int, default=50, help="training steps in P3, rounded down to a multiple of k=5 (default 50)")
     parser.add_argument("--p3-batch", type=int, default=64, help="images per branch and step in P3 (default 64)")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate in P3 (default 0.05)")
-    parser.add_argument("--seed", type=int, default=0, help="sample order and augmentation seed in P3 (default 0)")
+    parser.add_argument("--p3-seeds", type=int, nargs="+", default=[0],
+                        help="seeds of P3 (starting weights, sample order, augmentation); "
+                             "several give the spread of top-1 (default 0)")
     parser.add_argument("--memory-batch", type=int, default=128, help="batch per branch in P4 (default 128)")
     parser.add_argument("--rows", default="p1,p2,p3,p4,gpu",
                         help="comma-separated rows to run: p1 and p2 (run together), p3, p4, gpu (default all)")
@@ -626,7 +662,7 @@ def main() -> None:
     rows = set(args.rows.split(","))
     started = time.perf_counter()
     group = run_group(args.world_size, options) if rows & {"p1", "p2"} else None
-    sequential = run_sequential(args) if "p3" in rows else None
+    sequential = run_sequential_seeds(args) if "p3" in rows else None
     memory = run_memory(args.memory_batch) if "p4" in rows else None
     gpu = run_gpu() if "gpu" in rows and torch.cuda.is_available() else None
     print_report(args, group, sequential, memory, gpu)
