@@ -340,12 +340,12 @@ def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def run_sequential(args, seed: int) -> dict:
-    """P3 for one seed: train every implementation on the same batches, one round at a time in turn."""
+    """Train every P3 implementation on the same batches of one seed, one round at a time in turn."""
     torch.set_num_threads(1)
     train_images, train_labels = load_demo("train")
     test_images, test_labels = load_demo("test")
     num_branches, k = 3, 5
-    torch.manual_seed(seed)  # the starting weights; every implementation copies them below
+    torch.manual_seed(seed)  # sets the starting weights, which every implementation copies below
     runs = {"ours fp32": SequentialRun(num_branches, k, args.lr),
             "ours fp32 channels-last": SequentialRun(num_branches, k, args.lr, channels_last=True),
             "ours bf16 channels-last": SequentialRun(num_branches, k, args.lr, bf16=True, channels_last=True)}
@@ -376,7 +376,7 @@ def run_sequential(args, seed: int) -> dict:
 
 
 def run_sequential_seeds(args) -> dict:
-    """P3 over every seed of ``--p3-seeds``: per implementation, the img/s and top-1 of each seed."""
+    """Run P3 for every seed of ``--p3-seeds`` and collect each implementation's img/s and top-1 per seed."""
     results: dict = {"steps": args.p3_steps - args.p3_steps % 5, "seeds": args.p3_seeds}
     for seed in args.p3_seeds:
         for name, result in run_sequential(args, seed).items():
@@ -581,8 +581,8 @@ def print_sequential(args, sequential: dict) -> None:
     if authors is None:
         print("P3 authors row skipped: pass --authors-lookaround PATH (their lookaround.py) to include it")
     else:
-        # Same accuracy within noise: the gap of the means is under two standard errors of
-        # that gap, from the spread over seeds.
+        # Same accuracy within noise means a gap of the means under two standard errors of
+        # that gap, estimated from the spread over seeds.
         theirs_mean, theirs_spread = mean_and_spread(authors["top1"])
         for name in ("ours fp32", "ours bf16 channels-last"):
             ours_mean, ours_spread = mean_and_spread(sequential[name]["top1"])
