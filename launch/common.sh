@@ -22,6 +22,41 @@ log() {
     echo "[launch $(hostname -s) $(date +%H:%M:%S)] $*" >&2
 }
 
+# parse_options "NAME ..." ARG ...
+#   Reads the wrapper's own options, given by name without the dashes: "--max-restarts V"
+#   and "--max-restarts=V" both set the shell variable max_restarts to V. Every other
+#   argument goes, in order, to the array trainer_args. -h and --help print the calling
+#   script's header comment and exit 0; an option without its value exits 2.
+parse_options() {
+    local names=" $1 " arg name value
+    shift
+    trainer_args=()
+    while [[ $# -gt 0 ]]; do
+        arg="$1"
+        case "$arg" in
+            -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+            --*) name="${arg#--}"; name="${name%%=*}" ;;
+            *) name="" ;;
+        esac
+        if [[ -z "$name" || "$names" != *" $name "* ]]; then
+            trainer_args+=("$arg")
+            shift
+            continue
+        fi
+        if [[ "$arg" == *=* ]]; then
+            value="${arg#*=}"
+            shift
+        elif [[ $# -ge 2 ]]; then
+            value="$2"
+            shift 2
+        else
+            echo "error: $arg needs a value (see --help)" >&2
+            exit 2
+        fi
+        printf -v "${name//-/_}" '%s' "$value"
+    done
+}
+
 # Prints the number of CUDA devices this process may use (0 without CUDA or torch).
 count_gpus() {
     local python="${PYTHON:-python3}"

@@ -36,25 +36,7 @@ rdzv_id="lookaround"
 node_rank=""
 nproc=""
 max_restarts=0
-trainer_args=()
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --nnodes) nnodes="$2"; shift 2 ;;
-        --nnodes=*) nnodes="${1#*=}"; shift ;;
-        --rdzv-endpoint) rdzv_endpoint="$2"; shift 2 ;;
-        --rdzv-endpoint=*) rdzv_endpoint="${1#*=}"; shift ;;
-        --rdzv-id) rdzv_id="$2"; shift 2 ;;
-        --rdzv-id=*) rdzv_id="${1#*=}"; shift ;;
-        --node-rank) node_rank="$2"; shift 2 ;;
-        --node-rank=*) node_rank="${1#*=}"; shift ;;
-        --nproc) nproc="$2"; shift 2 ;;
-        --nproc=*) nproc="${1#*=}"; shift ;;
-        --max-restarts) max_restarts="$2"; shift 2 ;;
-        --max-restarts=*) max_restarts="${1#*=}"; shift ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) trainer_args+=("$1"); shift ;;
-    esac
-done
+parse_options "nnodes rdzv-endpoint rdzv-id node-rank nproc max-restarts" "$@"
 
 if [[ -z "$nnodes" || -z "$rdzv_endpoint" ]]; then
     echo "error: --nnodes and --rdzv-endpoint are required (see --help)" >&2

@@ -22,17 +22,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 nproc=""
 max_restarts=0
-trainer_args=()
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --nproc) nproc="$2"; shift 2 ;;
-        --nproc=*) nproc="${1#*=}"; shift ;;
-        --max-restarts) max_restarts="$2"; shift 2 ;;
-        --max-restarts=*) max_restarts="${1#*=}"; shift ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) trainer_args+=("$1"); shift ;;
-    esac
-done
+parse_options "nproc max-restarts" "$@"
 
 nproc="$(resolve_nproc "$nproc")" || exit 2
 

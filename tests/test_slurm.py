@@ -27,10 +27,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from slurm_cluster import REPO_ROOT, SlurmCluster, slurm_cluster  # noqa: F401 (fixture)
 
 SBATCH_SCRIPT = REPO_ROOT / "launch" / "slurm" / "lookaround.sbatch"
 SINGLE_NODE_SCRIPT = REPO_ROOT / "launch" / "torchrun_single_node.sh"
+MULTI_NODE_SCRIPT = REPO_ROOT / "launch" / "torchrun_multi_node.sh"
 TRAINING_PROCESS = REPO_ROOT / "launch" / "training_process.py"
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 PREEMPTED_EXIT_CODE = 85
@@ -172,6 +174,46 @@ def test_node_script_rejects_bad_nproc(tmp_path):
     )
     assert result.returncode == 2
     assert "--nproc must be a positive integer, got 'zero'" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_multi_node_script_passes_arguments(tmp_path):
+    env = _stand_in_env(tmp_path, STAND_IN_SECONDS="0")
+    endpoint = f"127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        ["bash", str(MULTI_NODE_SCRIPT), "--nnodes=1", "--rdzv-endpoint", endpoint, "--node-rank", "0",
+         "--nproc=2", "--config", "x.yaml", "--resume", "optim.lr=0.2"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"stand-in rank {rank} args ['--config', 'x.yaml', '--resume', 'optim.lr=0.2']" in result.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arguments, message", [
+    (["--nnodes", "2", "--nproc", "1", "--config", "x.yaml"], "--nnodes and --rdzv-endpoint are required"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node001", "--config", "x.yaml"],
+     "--rdzv-endpoint must be HOST:PORT, got 'node001'"),
+    (["--nnodes", "1:2", "--rdzv-endpoint", "node001:29500", "--node-rank", "0", "--nproc", "1"],
+     "--node-rank needs a fixed --nnodes, got '1:2'"),
+    (["--config", "x.yaml", "--nnodes", "2", "--rdzv-endpoint"], "--rdzv-endpoint needs a value"),
+])
+def test_multi_node_script_rejects_bad_options(tmp_path, arguments, message):
+    result = subprocess.run(["bash", str(MULTI_NODE_SCRIPT), *arguments], env=_launch_env(tmp_path),
+                            capture_output=True, text=True, timeout=50)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_node_scripts_print_help(tmp_path):
+    for script in (SINGLE_NODE_SCRIPT, MULTI_NODE_SCRIPT):
+        result = subprocess.run(["bash", str(script), "--help"], env=_launch_env(tmp_path),
+                                capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0, script.name
+        assert "Usage:" in result.stdout, script.name
+        assert "--max-restarts R" in result.stdout, script.name
 
 
 # A real Slurm cluster.
