@@ -54,6 +54,23 @@ def start_torchrun(nproc: int, overrides: list[str], log_path: Path, extra_args:
         return subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
 
 
+def interrupt_after_checkpoint(nproc: int, overrides: list[str], log_path: Path, interrupt,
+                               exit_timeout: float = 120.0, torchrun_args: list[str] = ()) -> tuple[int, str]:
+    """Start a training job, call ``interrupt(job)`` once it saved its first checkpoint, then wait.
+
+    Returns the torchrun agent's exit code and the job's whole output. The job is killed
+    if it has not exited within ``exit_timeout`` seconds of the interruption.
+    """
+    job = start_torchrun(nproc, overrides, log_path, torchrun_args=torchrun_args)
+    try:
+        wait_for_output(job, log_path, "checkpoint saved", timeout=180)
+        interrupt(job)
+        agent_code = job.wait(exit_timeout)
+    finally:
+        stop_job(job)
+    return agent_code, Path(log_path).read_text()
+
+
 def wait_for_output(process: subprocess.Popen, log_path: Path, text: str, timeout: float) -> str:
     """Wait until ``text`` appears in the job's output; return the output so far.
 

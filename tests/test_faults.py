@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import run_group
-from launch import quick_overrides, start_torchrun, stop_job, torchrun_train, wait_for_output, worker_pids
+from launch import (interrupt_after_checkpoint, quick_overrides, start_torchrun, stop_job, torchrun_train,
+                    wait_for_output, worker_pids)
 
 pytestmark = pytest.mark.slow
 
@@ -47,14 +48,9 @@ def test_sigusr1_to_one_rank_stops_all(tmp_path, uninterrupted):
     resumed run ends on the reference weights bitwise."""
     run_dir = tmp_path / "run"
     log_path = tmp_path / "first.log"
-    job = start_torchrun(2, quick_overrides(run_dir, **FAULT_OPTIONS), log_path)
-    try:
-        wait_for_output(job, log_path, "checkpoint saved", timeout=180)
-        os.kill(worker_pids(job.pid)[1], signal.SIGUSR1)
-        agent_code = job.wait(120)
-    finally:
-        stop_job(job)
-    output = log_path.read_text()
+    agent_code, output = interrupt_after_checkpoint(
+        2, quick_overrides(run_dir, **FAULT_OPTIONS), log_path,
+        lambda job: os.kill(worker_pids(job.pid)[1], signal.SIGUSR1))
     assert "[rank 1] WARNING received SIGUSR1" in output
     assert "stopped by SIGUSR1" in output
     assert "stopped by a signal on another rank" in output
@@ -79,14 +75,8 @@ def test_sigterm_to_torchrun_saves_and_exits(tmp_path):
     """SIGTERM to the torchrun agent reaches every worker, which save a checkpoint and exit 85."""
     run_dir = tmp_path / "run"
     log_path = tmp_path / "job.log"
-    job = start_torchrun(2, quick_overrides(run_dir, **FAULT_OPTIONS), log_path)
-    try:
-        wait_for_output(job, log_path, "checkpoint saved", timeout=180)
-        job.send_signal(signal.SIGTERM)
-        agent_code = job.wait(120)
-    finally:
-        stop_job(job)
-    output = log_path.read_text()
+    agent_code, output = interrupt_after_checkpoint(
+        2, quick_overrides(run_dir, **FAULT_OPTIONS), log_path, lambda job: job.send_signal(signal.SIGTERM))
     assert output.count("stopped by SIGTERM") == 2, output[-3000:]
     assert "DataLoader worker" not in output  # the loader's worker processes survive the signal
     # torchrun re-raises the signal as an exception after its workers exit: exit code 1.
@@ -102,15 +92,10 @@ def test_killed_rank_restarts_from_checkpoint(tmp_path, uninterrupted):
     on their own and end on the reference weights bitwise."""
     run_dir = tmp_path / "run"
     log_path = tmp_path / "job.log"
-    job = start_torchrun(2, quick_overrides(run_dir, **FAULT_OPTIONS), log_path,
-                         torchrun_args=["--max-restarts", "1", "--monitor-interval", "0.2"])
-    try:
-        wait_for_output(job, log_path, "checkpoint saved", timeout=180)
-        os.kill(worker_pids(job.pid)[1], signal.SIGKILL)
-        agent_code = job.wait(240)
-    finally:
-        stop_job(job)
-    output = log_path.read_text()
+    agent_code, output = interrupt_after_checkpoint(
+        2, quick_overrides(run_dir, **FAULT_OPTIONS), log_path,
+        lambda job: os.kill(worker_pids(job.pid)[1], signal.SIGKILL),
+        exit_timeout=240, torchrun_args=["--max-restarts", "1", "--monitor-interval", "0.2"])
     assert agent_code == 0, output[-3000:]
     assert "torchrun restart 1: resuming from the latest checkpoint" in output
     assert "resumed from" in output
