@@ -141,26 +141,33 @@ def mean_curve(runs: list[list[dict]], key: str, x_key: str = "epoch") -> tuple[
     return xs, [statistics.mean(by_x[x]) for x in xs]
 
 
-def plot(groups: dict[str, list[list[dict]]], key: str, ylabel: str, path: Path, x_key: str = "epoch") -> bool:
+def plot(groups: dict[str, list[list[dict]]], key: str, ylabel: str, path: Path, x_key: str = "epoch",
+         log_y: bool = False) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(6, 4))
     drawn = False
-    for label, runs in groups.items():
+    for index, (label, runs) in enumerate(groups.items()):
         xs, values = mean_curve(runs, key, x_key)
         if xs:
-            axes.plot(xs, values, marker="o" if len(xs) < 100 else None, markersize=3, label=label)
+            # A color per label position, so that a method keeps its color in every plot.
+            axes.plot(xs, values, marker="o" if len(xs) < 100 else None, markersize=3, label=label,
+                      color=f"C{index % 10}")
             drawn = True
     if drawn:
         axes.set_xlabel(x_key)
         axes.set_ylabel(ylabel)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if log_y:
+            # Branches that are averaged stay orders of magnitude closer than those that are not.
+            axes.set_yscale("log")
         axes.grid(alpha=0.3)
         axes.legend()
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
+        figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return drawn
 
@@ -194,15 +201,15 @@ def main(argv=None) -> int:
                   "recomputed BatchNorm statistics and the SWA model:", "",
                   *summary_rows(groups, model_columns), ""]
     figures = (
-        (groups, "test_top1", "test top-1 (%)", "test_top1.png", "epoch"),
-        (groups, "train_loss", "training loss (mean over branches)", "train_loss.png", "epoch"),
-        (round_groups, "branch_distance", "branch distance to the consensus (mean over branches)",
-         "branch_distance.png", "round"),
-        (round_groups, "pairwise_distance_rms", "RMS pairwise distance between branches",
-         "pairwise_distance.png", "round"),
+        (groups, "test_top1", "test top-1 (%)", "test_top1.png", "epoch", False),
+        (groups, "train_loss", "training loss (mean over branches)", "train_loss.png", "epoch", False),
+        (round_groups, "branch_distance", "L2 distance to the consensus (mean over branches)",
+         "branch_distance.png", "round", True),
+        (round_groups, "pairwise_distance_rms", "RMS pairwise L2 distance between branches",
+         "pairwise_distance.png", "round", True),
     )
-    for source, key, ylabel, name, x_key in figures:
-        if plot(source, key, ylabel, output / name, x_key):
+    for source, key, ylabel, name, x_key, log_y in figures:
+        if plot(source, key, ylabel, output / name, x_key, log_y):
             lines += [f"![{ylabel}]({name})", ""]
     (output / "report.md").write_text("\n".join(lines))
     print(f"wrote {output / 'report.md'}")
