@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("run_experiment")
+NUM_BRANCHES = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +103,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def shard_pattern(folder: Path, prefix: str, count: int, available: int) -> str:
-    if not 1 <= count <= available:
-        raise SystemExit(f"--{prefix}-shards must lie in [1, {available}], found {count}")
+def check_args(args) -> list[str]:
+    """Return one message per invalid option, before any run starts (also for --dry-run)."""
+    problems = []
+    for name, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                               ("--swa-epochs", args.swa_epochs, 1), ("--processes", args.processes, 1),
+                               ("--threads", args.threads, 1), ("--max-steps-per-epoch", args.max_steps_per_epoch, 0)):
+        if value < least:
+            problems.append(f"{name} must be >= {least}, found {value}")
+    if args.swa_lr <= 0:
+        problems.append(f"--swa-lr must be > 0, found {args.swa_lr}")
+    if args.processes >= 1 and args.processes % NUM_BRANCHES and NUM_BRANCHES % args.processes:
+        problems.append(f"--processes must divide or be a multiple of the {NUM_BRANCHES} branches "
+                        f"(1, 3, 6, ...), found {args.processes}")
+    folder = Path(args.data)
+    for prefix, count, available in (("train", args.train_shards, 10), ("test", args.test_shards, 2)):
+        if not 1 <= count <= available:
+            problems.append(f"--{prefix}-shards must lie in [1, {available}], found {count}")
+            continue
+        missing = [f"{prefix}-{i:06d}.tar.gz" for i in range(count) if not (folder / f"{prefix}-{i:06d}.tar.gz").is_file()]
+        if missing:
+            problems.append(f"--data {folder}: shard(s) {', '.join(missing)} not found; pass the folder of "
+                            f"the gzip-compressed CIFAR-10 shards (make experiment passes $SHARED_DATA/cifar10)")
+    return problems
+
+
+def check_overrides(args, chosen: list[Variant]) -> list[str]:
+    """Return the configuration error of the first variant whose config does not load, if any."""
+    from lookaround_dist.config import ConfigError, load_config
+
+    for variant in chosen:
+        try:
+            load_config(REPO / "configs" / "cifar10.yaml", run_overrides(args, variant, 0, Path(args.output)))
+        except ConfigError as error:
+            return [f"{variant.name}: {error}"]
+    return []
+
+
+def shard_pattern(folder: Path, prefix: str, count: int) -> str:
     last = count - 1
     if last == 0:
         return str(folder / f"{prefix}-000000.tar.gz")
@@ -114,13 +151,13 @@ def run_overrides(args, variant: Variant, seed: int, output: Path) -> list[str]:
     # Training runs in the repository folder, so relative paths are resolved here.
     folder = Path(args.data).resolve()
     return [
-        f"data.train_path={shard_pattern(folder, 'train', args.train_shards, 10)}",
-        f"data.val_path={shard_pattern(folder, 'test', args.test_shards, 2)}",
+        f"data.train_path={shard_pattern(folder, 'train', args.train_shards)}",
+        f"data.val_path={shard_pattern(folder, 'test', args.test_shards)}",
         "data.backend=torchvision",  # reads the gzip-compressed shards in place, no decompressed copy
         f"data.batch_size={args.batch_size}",
         "data.num_workers=1",
         "data.augmentations=[hflip,vflip,randaugment]",
-        "lookaround.num_branches=3",
+        f"lookaround.num_branches={NUM_BRANCHES}",
         "lookaround.k=5",
         "model.name=resnet20",
         f"train.epochs={args.epochs}",
@@ -163,10 +200,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     output = Path(args.output).resolve()
-    data = Path(args.data)
-    if not args.dry_run and not (data / "train-000000.tar.gz").is_file():
-        log.error("CIFAR-10 shards not found: %s has no train-000000.tar.gz; pass --data FOLDER", data)
-        return 1
+    problems = check_args(args)
+    if problems:
+        for problem in problems:
+            log.error("invalid option: %s", problem)
+        return 2
     chosen = variants(args.epochs, args.swa_epochs, args.swa_lr)
     if args.variants:
         unknown = sorted(set(args.variants) - {v.name for v in chosen})
@@ -174,6 +212,10 @@ def main(argv=None) -> int:
             log.error("unknown variant(s) %s; valid variants: %s", unknown, " ".join(v.name for v in chosen))
             return 2
         chosen = [v for v in chosen if v.name in args.variants]
+    problems = check_overrides(args, chosen)
+    if problems:
+        log.error("invalid configuration: %s", problems[0])
+        return 2
 
     environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), WANDB_MODE="disabled")
     run_dirs, failed = [], []
@@ -188,7 +230,7 @@ def main(argv=None) -> int:
             command = train_command(args, run_overrides(args, variant, seed, output), state == "interrupted")
             log.info("%s: %s", run_dir.name, "resuming" if state == "interrupted" else "starting")
             if args.dry_run:
-                print(" ".join(command))
+                print(shlex.join(command))
                 continue
             output.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
