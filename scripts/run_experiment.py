@@ -148,9 +148,10 @@ def shard_pattern(folder: Path, prefix: str, count: int) -> str:
 
 
 def run_overrides(args, variant: Variant, seed: int, output: Path) -> list[str]:
+    """Return the run's overrides, one per key: the user's replace the script's own for the same key."""
     # Training runs in the repository folder, so relative paths are resolved here.
     folder = Path(args.data).resolve()
-    return [
+    overrides = [
         f"data.train_path={shard_pattern(folder, 'train', args.train_shards)}",
         f"data.val_path={shard_pattern(folder, 'test', args.test_shards)}",
         "data.backend=torchvision",  # reads the gzip-compressed shards in place, no decompressed copy
@@ -176,6 +177,11 @@ def run_overrides(args, variant: Variant, seed: int, output: Path) -> list[str]:
         *variant.overrides,
         *args.overrides,
     ]
+    by_key = {}
+    for override in overrides:
+        by_key.pop(override.split("=", 1)[0], None)  # a later value moves the key to the end
+        by_key[override.split("=", 1)[0]] = override
+    return list(by_key.values())
 
 
 def run_state(run_dir: Path) -> str:

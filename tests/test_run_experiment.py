@@ -49,7 +49,7 @@ def test_invalid_options_rejected(tmp_path, arguments, message):
 def test_dry_run_commands_survive_the_shell(tmp_path):
     data = fake_shards(tmp_path / "shards", train=2, test=2)
     result = run_script("--data", str(data), "--output", str(tmp_path / "out"), "--variants", "sgd",
-                        "--seeds", "3", "--train-shards", "2")
+                        "--seeds", "3", "--train-shards", "2", "train.evaluate_branches=false")
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if "torch.distributed.run" in line]
     assert len(commands) == 1
@@ -58,3 +58,6 @@ def test_dry_run_commands_survive_the_shell(tmp_path):
     assert f"data.train_path={data}/train-{{000000..000001}}.tar.gz" in words
     assert "train.method=sgd" in words
     assert "train.seed=3" in words
+    # The user's override replaces the script's own value of the same key.
+    assert "train.evaluate_branches=false" in words
+    assert "train.evaluate_branches=true" not in words
