@@ -41,7 +41,15 @@ def state_dict_mismatch(expected: dict, found: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lookaround-eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lookaround-eval",
+        description="Measure test top-1, top-5 and loss of a saved consensus, on one process or many.",
+        epilog="examples:\n"
+               "  lookaround-eval runs/demo        # the run's own config.yaml and consensus.pt\n"
+               "  torchrun --nproc-per-node 4 -m lookaround_dist.cli.evaluate runs/demo data.val_path=...\n\n"
+               "Every validation sample is counted once over all ranks.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run_dir", help="run directory holding config.yaml and consensus.pt")
     parser.add_argument("--weights", help="state dict to evaluate (default: RUN_DIR/consensus.pt)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
