@@ -6,6 +6,8 @@
 #     0   training finished on every local rank
 #     85  every local rank saved a checkpoint and stopped on the preemption signal
 #         (PREEMPTED_EXIT_CODE); resume the run with --resume
+#     2   every local rank with a recorded exit code exited 2 (INVALID_ARGUMENTS_EXIT_CODE):
+#         the trainer rejected its configuration or command line
 #     other  torchrun's own exit code (a failed or killed rank)
 #   SIGUSR1 sent to this script is forwarded to the training processes; torchrun itself
 #   ignores SIGUSR1. SIGTERM and SIGINT are left to torchrun, which shares this
@@ -17,16 +19,32 @@
 
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PREEMPTED_EXIT_CODE=85
+# The trainer's exit code for an invalid configuration or command line (argparse's too).
+INVALID_ARGUMENTS_EXIT_CODE=2
+# The trainer's own options (lookaround_dist.cli.train). parse_options passes these on and
+# rejects every other --option, so a mistyped option fails before torchrun starts.
+TRAINER_OPTIONS="config resume dry-run world-size"
 
 log() {
     echo "[launch $(hostname -s) $(date +%H:%M:%S)] $*" >&2
 }
 
+# Prints the option names of a space-separated list with their dashes, comma-separated.
+format_options() {
+    local name list=""
+    for name in $1; do
+        list+="${list:+, }--$name"
+    done
+    echo "$list"
+}
+
 # parse_options "NAME ..." ARG ...
 #   Reads the wrapper's own options, given by name without the dashes: "--max-restarts V"
-#   and "--max-restarts=V" both set the shell variable max_restarts to V. Every other
-#   argument goes, in order, to the array trainer_args. -h and --help print the calling
-#   script's header comment and exit 0; an option without its value exits 2.
+#   and "--max-restarts=V" both set the shell variable max_restarts to V. The trainer's
+#   options (TRAINER_OPTIONS) and every argument that is not a --option (config
+#   overrides, option values, a bare --) go, in order, to the array trainer_args.
+#   -h and --help print the calling script's header comment and exit 0. An unknown
+#   --option or a wrapper option without its value exits 2.
 parse_options() {
     local names=" $1 " arg name value
     shift
@@ -38,6 +56,12 @@ parse_options() {
             --*) name="${arg#--}"; name="${name%%=*}" ;;
             *) name="" ;;
         esac
+        if [[ -n "$name" && "$names" != *" $name "* && " $TRAINER_OPTIONS " != *" $name "* ]]; then
+            echo "error: unknown option '--$name'. Valid options are this script's" \
+                "($(format_options "$names")) and the trainer's ($(format_options "$TRAINER_OPTIONS"))," \
+                "plus section.key=value config overrides. See --help." >&2
+            exit 2
+        fi
         if [[ -z "$name" || "$names" != *" $name "* ]]; then
             trainer_args+=("$arg")
             shift
@@ -55,6 +79,14 @@ parse_options() {
         fi
         printf -v "${name//-/_}" '%s' "$value"
     done
+}
+
+# Exits 2 unless the --max-restarts value is a non-negative integer.
+check_max_restarts() {
+    if ! [[ "$1" =~ ^[0-9]+$ ]]; then
+        echo "error: --max-restarts must be a non-negative integer, got '$1'" >&2
+        exit 2
+    fi
 }
 
 # Prints the number of CUDA devices this process may use (0 without CUDA or torch).
@@ -93,16 +125,26 @@ forward_usr1_to_training_processes() {
 
 # Prints the node's exit code from torchrun's and the recorded per-rank exit codes.
 node_exit_code() {
-    local torchrun_code="$1" nproc="$2" exit_file count=0 preempted=0
+    local torchrun_code="$1" nproc="$2" exit_file rank_code count=0 preempted=0 invalid=0
     for exit_file in "$EXIT_CODE_DIR"/*.exit; do
         [[ -e "$exit_file" ]] || continue
         count=$((count + 1))
-        if [[ "$(<"$exit_file")" == "$PREEMPTED_EXIT_CODE" ]]; then
+        rank_code="$(<"$exit_file")"
+        if [[ "$rank_code" == "$PREEMPTED_EXIT_CODE" ]]; then
             preempted=$((preempted + 1))
+        elif [[ "$rank_code" == "$INVALID_ARGUMENTS_EXIT_CODE" ]]; then
+            invalid=$((invalid + 1))
         fi
     done
     if (( count == nproc && preempted == nproc )); then
         echo "$PREEMPTED_EXIT_CODE"
+    elif (( count > 0 && invalid == count )); then
+        # torchrun itself exits 1 and prints a traceback for any failed rank, so this line
+        # names the cause. NOTE: a rank that torchrun stops before it exits 2 by itself
+        # records 143 (SIGTERM), and the node then exits with torchrun's code 1.
+        log "error: the trainer rejected its configuration or command line ($invalid of $nproc" \
+            "training processes exited with code $INVALID_ARGUMENTS_EXIT_CODE); see its error above"
+        echo "$INVALID_ARGUMENTS_EXIT_CODE"
     elif (( torchrun_code == 0 && preempted > 0 )); then
         # Some ranks finished and others stopped for preemption: the run is incomplete,
         # and only the ranks that stopped wrote a checkpoint, so it is not resumable as is.

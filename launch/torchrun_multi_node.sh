@@ -17,15 +17,18 @@
 #   --nproc N             processes on this node (default: one per visible GPU). Without
 #                         a GPU it is required, and the processes train on CPU with gloo.
 #   --max-restarts R      times torchrun restarts all processes after a failure (default 0).
-#   Everything else goes unchanged to the trainer (lookaround_dist.cli.train).
+#   The trainer's options (--config, --resume, --dry-run, --world-size) and
+#   section.key=value overrides go unchanged to the trainer (lookaround_dist.cli.train).
+#   Any other --option is rejected before torchrun starts.
 #
 # Example, on each of two GPU nodes:
 #   launch/torchrun_multi_node.sh --nnodes 2 --rdzv-endpoint node001:29500 \
 #       --rdzv-id cifar10-run1 --config configs/cifar10.yaml
 #
 # Exit code: 0 when training finished, 85 when every process of this node saved a
-# checkpoint and stopped on the preemption signal (rerun with --resume), otherwise
-# torchrun's exit code. Send SIGUSR1 to this script to forward the preemption signal
+# checkpoint and stopped on the preemption signal (rerun with --resume), 2 for an
+# invalid option or when the trainer rejected its configuration, otherwise torchrun's
+# exit code. Send SIGUSR1 to this script to forward the preemption signal
 # to the training processes.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -42,16 +45,30 @@ if [[ -z "$nnodes" || -z "$rdzv_endpoint" ]]; then
     echo "error: --nnodes and --rdzv-endpoint are required (see --help)" >&2
     exit 2
 fi
+if [[ "$nnodes" =~ ^([1-9][0-9]*)(:([1-9][0-9]*))?$ ]]; then
+    if [[ -n "${BASH_REMATCH[3]}" ]] && (( BASH_REMATCH[1] > BASH_REMATCH[3] )); then
+        echo "error: --nnodes MIN:MAX needs MIN <= MAX, got '$nnodes'" >&2
+        exit 2
+    fi
+else
+    echo "error: --nnodes must be a positive integer N or MIN:MAX, got '$nnodes'" >&2
+    exit 2
+fi
 if ! [[ "$rdzv_endpoint" =~ ^[^:]+:[0-9]+$ ]]; then
     echo "error: --rdzv-endpoint must be HOST:PORT, got '$rdzv_endpoint'" >&2
     exit 2
 fi
+check_max_restarts "$max_restarts"
 nproc="$(resolve_nproc "$nproc")" || exit 2
 
 rendezvous_options=()
 if [[ -n "$node_rank" ]]; then
     if ! [[ "$nnodes" =~ ^[0-9]+$ ]]; then
         echo "error: --node-rank needs a fixed --nnodes, got '$nnodes'" >&2
+        exit 2
+    fi
+    if ! [[ "$node_rank" =~ ^[0-9]+$ ]] || (( 10#$node_rank >= nnodes )); then
+        echo "error: --node-rank must be an integer from 0 to $((nnodes - 1)), got '$node_rank'" >&2
         exit 2
     fi
     rendezvous_options=(--rdzv-backend=static --master-addr="${rdzv_endpoint%:*}"

@@ -125,12 +125,14 @@ def test_exit_code_matches_trainer():
 def test_node_script_passes_arguments(tmp_path):
     env = _stand_in_env(tmp_path, STAND_IN_SECONDS="0")
     result = subprocess.run(
-        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml", "optim.lr=0.2"],
+        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml", "--dry-run", "--world-size=3",
+         "optim.lr=0.2"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
-        assert f"stand-in rank {rank} args ['--config', 'x.yaml', 'optim.lr=0.2']" in result.stdout
+        expected = "['--config', 'x.yaml', '--dry-run', '--world-size=3', 'optim.lr=0.2']"
+        assert f"stand-in rank {rank} args {expected}" in result.stdout
 
 
 @pytest.mark.timeout(120)
@@ -140,7 +142,20 @@ def test_node_script_reports_failure(tmp_path):
         ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
     )
-    assert result.returncode not in (0, PREEMPTED_EXIT_CODE), result.stderr[-3000:]
+    assert result.returncode not in (0, 2, PREEMPTED_EXIT_CODE), result.stderr[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_node_script_reports_invalid_configuration(tmp_path):
+    # The trainer exits 2 when it rejects its configuration, but torchrun itself exits 1.
+    env = _stand_in_env(tmp_path, STAND_IN_SECONDS="0", STAND_IN_EXIT_CODE="2")
+    result = subprocess.run(
+        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert ("the trainer rejected its configuration or command line "
+            "(2 of 2 training processes exited with code 2)") in result.stderr
 
 
 @pytest.mark.timeout(120)
@@ -164,6 +179,27 @@ def test_node_script_forwards_usr1(tmp_path):
     assert launcher.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
     assert (markers / "checkpoint-0").exists()
     assert (markers / "checkpoint-1").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arguments, message", [
+    (["--max-restarts", "abc"], "--max-restarts must be a non-negative integer, got 'abc'"),
+    (["--max-restarts=-1"], "--max-restarts must be a non-negative integer, got '-1'"),
+    (["--max-restart", "2"], "unknown option '--max-restart'. Valid options are this script's "
+                             "(--nproc, --max-restarts) and the trainer's (--config, --resume, --dry-run, "
+                             "--world-size), plus section.key=value config overrides"),
+    (["--confg=y.yaml"], "unknown option '--confg'"),
+])
+def test_node_script_rejects_bad_options(tmp_path, arguments, message):
+    env = _stand_in_env(tmp_path, STAND_IN_SECONDS="0")
+    result = subprocess.run(
+        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "1", "--config", "x.yaml", *arguments],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=50,
+    )
+    assert result.returncode == 2
+    assert f"error: {message}" in result.stderr
+    assert "torchrun" not in result.stderr, "rejected after torchrun started"
+    assert not list((tmp_path / "markers").iterdir()), "a trainer started"
 
 
 @pytest.mark.timeout(60)
@@ -198,6 +234,19 @@ def test_multi_node_script_passes_arguments(tmp_path):
     (["--nnodes", "1:2", "--rdzv-endpoint", "node001:29500", "--node-rank", "0", "--nproc", "1"],
      "--node-rank needs a fixed --nnodes, got '1:2'"),
     (["--config", "x.yaml", "--nnodes", "2", "--rdzv-endpoint"], "--rdzv-endpoint needs a value"),
+    (["--nnodes", "two", "--rdzv-endpoint", "node001:29500", "--nproc", "1"],
+     "--nnodes must be a positive integer N or MIN:MAX, got 'two'"),
+    (["--nnodes", "0", "--rdzv-endpoint", "node001:29500", "--nproc", "1"],
+     "--nnodes must be a positive integer N or MIN:MAX, got '0'"),
+    (["--nnodes", "3:2", "--rdzv-endpoint", "node001:29500", "--nproc", "1"],
+     "--nnodes MIN:MAX needs MIN <= MAX, got '3:2'"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node001:29500", "--node-rank", "2", "--nproc", "1"],
+     "--node-rank must be an integer from 0 to 1, got '2'"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node001:29500", "--max-restarts", "abc", "--nproc", "1"],
+     "--max-restarts must be a non-negative integer, got 'abc'"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node001:29500", "--node_rank", "0", "--nproc", "1"],
+     "unknown option '--node_rank'. Valid options are this script's (--nnodes, --rdzv-endpoint, "
+     "--rdzv-id, --node-rank, --nproc, --max-restarts)"),
 ])
 def test_multi_node_script_rejects_bad_options(tmp_path, arguments, message):
     result = subprocess.run(["bash", str(MULTI_NODE_SCRIPT), *arguments], env=_launch_env(tmp_path),
