@@ -54,7 +54,14 @@ def expand_shards(spec: str) -> list[Path]:
         for name in braceexpand.braceexpand(part):
             candidate = Path(name)
             if not candidate.is_file():
-                raise DataError(f"shard not found: {candidate}")
+                relative_to = "" if candidate.is_absolute() else f" (relative to {Path.cwd()})"
+                raise DataError(
+                    f"shard not found: {candidate}{relative_to}. "
+                    f"For configs/cifar10.yaml, run 'make data-cifar10 SHARED_DATA=DIR', which writes "
+                    f"plain-tar copies of the gzip-compressed CIFAR-10 shards in DIR/cifar10 to "
+                    f"data/cifar10. 'lookaround-shards pack IMAGEFOLDER OUTDIR' makes shards of "
+                    f"an ImageFolder tree."
+                )
             paths.append(candidate)
     return paths
 
