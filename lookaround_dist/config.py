@@ -2,12 +2,17 @@
 
 Precedence is command line > YAML file > defaults. Overrides are ``section.key=value``
 strings whose values are parsed as YAML (``data.augmentations=[hflip,vflip]``,
-``optim.lr=0.05``). An unknown section or key is rejected with the list of valid ones.
+``optim.lr=0.05``); a key may appear in only one override. An unknown section or key is
+rejected with the list of valid ones, and every numeric field with a meaningful range is
+checked against it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -47,7 +52,7 @@ class DataConfig:
     """Validation samples per rank per batch."""
     num_workers: int = 2
     """DataLoader worker processes per rank (torchvision) or CPU threads (DALI)."""
-    augmentations: list = dataclasses.field(default_factory=lambda: ["hflip", "vflip", "randaugment"])
+    augmentations: list[str] = dataclasses.field(default_factory=lambda: ["hflip", "vflip", "randaugment"])
     """One augmentation name per branch, on top of the base crop."""
     independent_sampling: bool = False
     """Draw a separate sample order per branch instead of the shared base batches."""
@@ -55,9 +60,9 @@ class DataConfig:
     """Handling of the incomplete last base batch of an epoch: drop or pad (repeat samples)."""
     on_decode_error: str = "raise"
     """Action for an image that does not decode: raise (naming shard and key) or skip (counted)."""
-    mean: list = dataclasses.field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
+    mean: list[float] = dataclasses.field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
     """Per-channel normalization mean (RGB, 0..1 scale)."""
-    std: list = dataclasses.field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
+    std: list[float] = dataclasses.field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
     """Per-channel normalization standard deviation (RGB, 0..1 scale)."""
     prefetch_depth: int = 2
     """Batches prepared ahead per loader (DataLoader prefetch_factor, DALI prefetch queue)."""
@@ -81,7 +86,7 @@ class OptimConfig:
     """Decay after warm-up: cosine, multistep or constant."""
     warmup_epochs: float = 1.0
     """Linear warm-up length in epochs (0 disables it)."""
-    milestones: list = dataclasses.field(default_factory=list)
+    milestones: list[int] = dataclasses.field(default_factory=list)
     """Epochs at which multistep decay multiplies the learning rate by gamma."""
     gamma: float = 0.1
     """Factor applied to the learning rate at each multistep milestone."""
@@ -170,7 +175,7 @@ class WandbConfig:
     """wandb team or user; null uses the account's default."""
     name: Optional[str] = None
     """wandb run name; null uses the run directory's name."""
-    tags: list = dataclasses.field(default_factory=list)
+    tags: list[str] = dataclasses.field(default_factory=list)
     """wandb tags of the run."""
     mode: str = "offline"
     """offline, online or disabled; the WANDB_MODE environment variable takes precedence."""
@@ -194,6 +199,23 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _coerce_float(value: Any, where: str) -> float:
+    """Convert a number, or a string that float() parses, to a finite float.
+
+    Strings are accepted because YAML 1.1, which PyYAML implements, reads ``1e-3`` (an
+    exponent without a decimal point) as a string.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where} expects a number, found {value!r}")
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{where} expects a number, found {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where} expects a finite number, found {value!r}")
+    return number
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert a parsed YAML value to the field's type, or raise ConfigError."""
     origin = typing.get_origin(annotation)
@@ -211,19 +233,22 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} expects an integer, found {value!r}")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where} expects a number, found {value!r}")
+        return _coerce_float(value, where)
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where} expects a string, found {value!r}")
     if annotation is list or origin is list:
         if isinstance(value, (list, tuple)):
-            return list(value)
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        raise ConfigError(f"{where} expects a list, found {value!r}")
+            items = list(value)
+        elif isinstance(value, str):
+            items = [part.strip() for part in value.split(",") if part.strip()]
+        else:
+            raise ConfigError(f"{where} expects a list, found {value!r}")
+        item_types = typing.get_args(annotation)
+        if not item_types:
+            return items
+        return [_coerce(item, item_types[0], f"{where}[{i}]") for i, item in enumerate(items)]
     return value
 
 
@@ -249,12 +274,18 @@ def apply_dict(config: RunConfig, values: dict, source: str = "config") -> RunCo
     return config
 
 
-def parse_override(text: str) -> dict:
-    """Turn ``section.key=value`` into ``{section: {key: value}}``; the value is parsed as YAML."""
+def split_override(text: str) -> tuple[str, str, str]:
+    """Split ``section.key=value`` into its section, key and unparsed value."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"an override must look like section.key=value, found {text!r}")
     dotted, raw = text.split("=", 1)
     section, key = dotted.strip().split(".", 1)
+    return section, key, raw
+
+
+def parse_override(text: str) -> dict:
+    """Turn ``section.key=value`` into ``{section: {key: value}}``; the value is parsed as YAML."""
+    section, key, raw = split_override(text)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
@@ -262,18 +293,104 @@ def parse_override(text: str) -> dict:
     return {section: {key: value}}
 
 
+def shell_brace_pattern(values: list[str]) -> Optional[str]:
+    """Return a bash brace pattern that expands to ``values`` in this order, or None.
+
+    Evenly spaced numbers become a sequence expression (``train-{000000..000003}.tar``),
+    other values a comma list of whole words (``{hflip,vflip}``).
+    """
+    if len(values) < 2 or len(set(values)) < len(values):
+        return None
+    prefix = os.path.commonprefix(values)
+    suffix = os.path.commonprefix([value[len(prefix):][::-1] for value in values])[::-1]
+
+    # Digits beside the common parts belong to the numbers: train-{000000..000003}, not
+    # train-00000{0..3}.
+    number_prefix = re.sub(r"\d+$", "", prefix)
+    number_suffix = re.sub(r"^\d+", "", suffix)
+    numbers = [value[len(number_prefix):len(value) - len(number_suffix)] for value in values]
+    if all(number.isdigit() for number in numbers):
+        steps = {int(b) - int(a) for a, b in zip(numbers, numbers[1:])}
+        if len(steps) == 1 and 0 not in steps:
+            step = abs(steps.pop())
+            increment = f"..{step}" if step > 1 else ""
+            return f"{number_prefix}{{{numbers[0]}..{numbers[-1]}{increment}}}{number_suffix}"
+
+    word_prefix = re.sub(r"\w+$", "", prefix)
+    word_suffix = re.sub(r"^\w+", "", suffix)
+    words = [value[len(word_prefix):len(value) - len(word_suffix)] for value in values]
+    if any(character in word for word in words for character in ",{}"):
+        return None
+    return f"{word_prefix}{{{','.join(words)}}}{word_suffix}"
+
+
+def check_unique_overrides(overrides: tuple[str, ...] | list[str]) -> None:
+    """Raise ConfigError when several overrides set the same key.
+
+    An unquoted brace pattern (``data.train_path=train-{000000..000003}.tar``) is expanded
+    by the shell into one override per file, so the message shows the pattern to quote
+    when the repeated overrides are adjacent, as bash writes them.
+    """
+    positions: dict[str, list[int]] = {}
+    for index, text in enumerate(overrides):
+        section, key, _ = split_override(text)
+        positions.setdefault(f"{section}.{key}", []).append(index)
+    for dotted, indices in positions.items():
+        if len(indices) < 2:
+            continue
+        values = [split_override(overrides[index])[2] for index in indices]
+        message = (f"{dotted} is given {len(indices)} times on the command line "
+                   f"({', '.join(repr(value) for value in values)}); give each key once")
+        adjacent = indices == list(range(indices[0], indices[0] + len(indices)))
+        pattern = shell_brace_pattern(values) if adjacent else None
+        # Two values with nothing in common, such as lookaround.k=3 lookaround.k=4, are
+        # likelier typed twice than expanded from lookaround.k={3,4}.
+        bare = pattern is not None and pattern.startswith("{") and pattern.endswith("}")
+        if pattern is not None and (len(values) > 2 or not bare):
+            message += (f". These values look like the shell's expansion of the brace pattern "
+                        f"{dotted}={pattern}: to pass the pattern itself, quote the argument, "
+                        f"as in '{dotted}={pattern}'")
+        raise ConfigError(message)
+
+
+def read_yaml_file(path: Path) -> Any:
+    """Parse the YAML file at ``path``, raising a ConfigError that names the file and the error's line."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file such as configs/demo.yaml")
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+        raise ConfigError(f"config file not found: {path}{where}")
+    try:
+        # Bytes, so that PyYAML detects the encoding and reports invalid bytes as YAMLError.
+        return yaml.safe_load(path.read_bytes())
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        message = f"{path} is not valid YAML: {error.problem or error.context}"
+        if mark is not None:
+            message += f" at line {mark.line + 1}, column {mark.column + 1}"
+        # The context ("while parsing a flow sequence") helps when it starts on another line,
+        # such as the line of an unclosed bracket.
+        context_mark = error.context_mark
+        if error.context and context_mark is not None and (mark is None or context_mark.line != mark.line):
+            message += (f" ({error.context} that starts at line {context_mark.line + 1}, "
+                        f"column {context_mark.column + 1})")
+        raise ConfigError(message) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """Build a config from defaults, then the YAML file at ``path``, then ``overrides``."""
     config = RunConfig()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with path.open() as handle:
-            values = yaml.safe_load(handle) or {}
+        values = read_yaml_file(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, found {type(values).__name__}")
         apply_dict(config, values, source=str(path))
+    check_unique_overrides(overrides)
     for text in overrides:
         apply_dict(config, parse_override(text), source=f"override {text!r}")
     validate_config(config)
@@ -295,41 +412,113 @@ CHOICES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """Interval that a numeric value must lie in, unbounded on a side that is None."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    """Exclude ``low`` itself."""
+    high_open: bool = False
+    """Exclude ``high`` itself."""
+    note: str = ""
+    """Meaning of a boundary value, shown after the range, as in " (0 disables it)"."""
+
+    def contains(self, value: float) -> bool:
+        # Comparisons in this form put NaN outside every range.
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        if self.high is not None and not (value < self.high if self.high_open else value <= self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        """Return the range as words that follow "must": "be >= 1", "lie in [0, 1)"."""
+        if self.low is not None and self.high is not None:
+            opening = "(" if self.low_open else "["
+            closing = ")" if self.high_open else "]"
+            return f"lie in {opening}{self.low}, {self.high}{closing}{self.note}"
+        if self.low is not None:
+            return f"be {'>' if self.low_open else '>='} {self.low}{self.note}"
+        return f"be {'<' if self.high_open else '<='} {self.high}{self.note}"
+
+
+AT_LEAST_ONE = Bounds(low=1)
+NOT_NEGATIVE = Bounds(low=0)
+
+BOUNDS = {
+    ("model", "num_classes"): AT_LEAST_ONE,
+    ("data", "image_size"): AT_LEAST_ONE,
+    ("data", "batch_size"): AT_LEAST_ONE,
+    ("data", "eval_batch_size"): AT_LEAST_ONE,
+    ("data", "num_workers"): NOT_NEGATIVE,
+    ("data", "prefetch_depth"): AT_LEAST_ONE,
+    ("data", "hw_decoder_load"): Bounds(low=0, high=1),
+    ("optim", "lr"): Bounds(low=0, low_open=True),
+    ("optim", "momentum"): Bounds(low=0, high=1, high_open=True),
+    ("optim", "weight_decay"): NOT_NEGATIVE,
+    ("optim", "warmup_epochs"): Bounds(low=0, note=" (0 disables the warm-up)"),
+    ("optim", "gamma"): Bounds(low=0, high=1, low_open=True),
+    ("lookaround", "num_branches"): AT_LEAST_ONE,
+    ("lookaround", "k"): AT_LEAST_ONE,
+    ("train", "epochs"): AT_LEAST_ONE,
+    ("train", "timeout_seconds"): Bounds(low=0, low_open=True),
+    ("train", "log_interval_steps"): AT_LEAST_ONE,
+    ("train", "keep_checkpoints"): AT_LEAST_ONE,
+    ("train", "max_steps_per_epoch"): Bounds(low=0, note=" (0 means the whole epoch)"),
+    ("train", "threads_per_rank"): Bounds(low=0, note=" (0 lets OMP_NUM_THREADS decide)"),
+    ("train", "stop_after_steps"): Bounds(low=0, note=" (0 never stops early)"),
+    ("train", "lookahead_alpha"): Bounds(low=0, high=1, low_open=True),
+    ("train", "bn_recalibration_batches"): NOT_NEGATIVE,
+    ("train", "diversity_interval_rounds"): Bounds(low=0, note=" (0 disables)"),
+    ("train", "swa_lr"): Bounds(low=0, note=" (0 keeps the schedule)"),
+}
+"""Range of every numeric field that has one. train.swa_epochs depends on train.epochs, so
+validate_method checks it."""
+
+LIST_BOUNDS = {
+    ("data", "mean"): (3, Bounds(low=0, high=1, note=" (RGB on the 0..1 scale)")),
+    ("data", "std"): (3, Bounds(low=0, high=1, low_open=True, note=" (RGB on the 0..1 scale)")),
+    ("optim", "milestones"): (None, Bounds(low=0, note=" (epochs)")),
+}
+"""Required length (None for any) and element range of the numeric list fields."""
+
+
 def validate_config(config: RunConfig) -> None:
     """Check values that need no data, model or process group."""
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in allowed:
             raise ConfigError(f"{section}.{key} must be one of {', '.join(allowed)}, found {value!r}")
-    positive = [
-        ("lookaround", "k"), ("lookaround", "num_branches"), ("data", "batch_size"),
-        ("data", "eval_batch_size"), ("data", "image_size"), ("model", "num_classes"),
-        ("train", "epochs"), ("train", "keep_checkpoints"), ("train", "log_interval_steps"),
-    ]
-    for section, key in positive:
-        value = getattr(getattr(config, section), key)
-        if value < 1:
-            raise ConfigError(f"{section}.{key} must be >= 1, found {value}")
-    if config.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, found {config.data.num_workers}")
-    if config.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, found {config.optim.lr}")
+    validate_ranges(config)
     if len(config.data.augmentations) != config.lookaround.num_branches:
         raise ConfigError(
             f"data.augmentations needs one name per branch: lookaround.num_branches="
             f"{config.lookaround.num_branches} but {len(config.data.augmentations)} names were "
             f"given ({config.data.augmentations})"
         )
-    if len(config.data.mean) != 3 or len(config.data.std) != 3:
-        raise ConfigError("data.mean and data.std need three values each (R, G, B)")
     validate_method(config)
 
 
+def validate_ranges(config: RunConfig) -> None:
+    """Check every numeric field and numeric list against its range in BOUNDS and LIST_BOUNDS."""
+    for (section, key), bounds in BOUNDS.items():
+        value = getattr(getattr(config, section), key)
+        if not bounds.contains(value):
+            raise ConfigError(f"{section}.{key} must {bounds.describe()}, found {value}")
+    for (section, key), (length, bounds) in LIST_BOUNDS.items():
+        values = getattr(getattr(config, section), key)
+        if length is not None and len(values) != length:
+            raise ConfigError(f"{section}.{key} needs {length} numbers, found {len(values)}: {values}")
+        for index, value in enumerate(values):
+            if not bounds.contains(value):
+                raise ConfigError(f"{section}.{key}[{index}] must {bounds.describe()}, found {value}")
+
+
 def validate_method(config: RunConfig) -> None:
-    """Check the method keys of ``train``: Lookahead's alpha, SWA and the measurement options."""
+    """Check the SWA keys of ``train``, whose valid values depend on other keys."""
     train = config.train
-    if not 0.0 < train.lookahead_alpha <= 1.0:
-        raise ConfigError(f"train.lookahead_alpha must lie in (0, 1], found {train.lookahead_alpha}")
     if not 0 <= train.swa_epochs <= train.epochs:
         raise ConfigError(
             f"train.swa_epochs must lie in [0, train.epochs={train.epochs}], found {train.swa_epochs}"
@@ -343,12 +532,6 @@ def validate_method(config: RunConfig) -> None:
         raise ConfigError(
             f"train.bn_recalibration_batches must be >= 1 with SWA or train.recalibrate_bn, "
             f"found {train.bn_recalibration_batches}"
-        )
-    if train.swa_lr < 0:
-        raise ConfigError(f"train.swa_lr must be >= 0 (0 keeps the schedule), found {train.swa_lr}")
-    if train.diversity_interval_rounds < 0:
-        raise ConfigError(
-            f"train.diversity_interval_rounds must be >= 0 (0 disables), found {train.diversity_interval_rounds}"
         )
 
 

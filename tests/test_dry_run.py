@@ -56,9 +56,13 @@ def dry_run_output(capsys):
 
 
 def tiny_arguments(data: Path, world_size: int, *overrides: str) -> list[str]:
-    return ["--world-size", str(world_size), *TWO_BRANCHES, f"data.train_path={data}",
-            "data.val_path=''", "model.num_classes=4", "data.batch_size=4", "data.num_workers=0",
-            *overrides]
+    """Return the arguments of a dry run on ``data``; ``overrides`` replace the defaults of
+    the same keys, because lookaround-train rejects a key given twice."""
+    defaults = [*TWO_BRANCHES, f"data.train_path={data}", "data.val_path=''", "model.num_classes=4",
+                "data.batch_size=4", "data.num_workers=0"]
+    replaced = {override.split("=", 1)[0] for override in overrides}
+    remaining_defaults = [default for default in defaults if default.split("=", 1)[0] not in replaced]
+    return ["--world-size", str(world_size), *remaining_defaults, *overrides]
 
 
 @pytest.mark.timeout(120)
@@ -130,3 +134,4 @@ def test_invalid_run_fails_with_reason(case, tiny_data, dry_run_output):
     assert "dry run failed: " in output
     assert reason in output
     assert "the configuration is valid" not in output
+
