@@ -1,12 +1,16 @@
-"""The config tree: defaults, YAML, overrides and their precedence, rejected keys and values."""
+"""The config tree: defaults, YAML, overrides and their precedence, rejected keys and values,
+and the exit codes of lookaround-train for configuration errors."""
 
+import logging
 import re
 
 import pytest
 import yaml
 
+from lookaround_dist.cli import train as train_cli
 from lookaround_dist.config import (ConfigError, RunConfig, load_config, save_config, shell_brace_pattern,
                                     validate_config)
+from lookaround_dist.topology import TopologyError
 
 
 def test_defaults_follow_the_paper():
@@ -274,3 +278,92 @@ def test_config_folder_rejected(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"config file {tmp_path} is a folder")):
         load_config(tmp_path)
 
+
+# ----- lookaround-train exit codes and argument order ------------------------------------
+
+@pytest.fixture
+def train_output(capsys, monkeypatch):
+    """Run ``lookaround-train`` in this process as rank 0; return (exit code, output)."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    saved_handlers, saved_level = logging.root.handlers[:], logging.root.level
+
+    def run(*arguments: str) -> tuple[int, str]:
+        code = train_cli.main(list(arguments))
+        return code, capsys.readouterr().out
+
+    yield run
+    logging.root.handlers[:] = saved_handlers  # main() points logging at this test's stdout
+    logging.root.setLevel(saved_level)
+
+
+def test_overrides_accepted_after_options():
+    args = train_cli.parse_args(["--dry-run", "lookaround.k=4", "--config", "configs/demo.yaml",
+                                 "train.epochs=1", "--world-size", "3", "optim.lr=1e-3"])
+    assert args.overrides == ["lookaround.k=4", "train.epochs=1", "optim.lr=1e-3"]
+    assert args.config == "configs/demo.yaml"
+    assert args.world_size == 3
+    assert args.dry_run
+
+
+def test_cli_invalid_yaml_exits_2(tmp_path, train_output):
+    path = tmp_path / "broken.yaml"
+    path.write_text("a: [1,\n")
+    code, output = train_output("--dry-run", "--config", str(path))
+    assert code == 2, output
+    assert f"invalid configuration: {path} is not valid YAML: " in output
+    assert "line 2, column 1" in output
+    assert "Traceback" not in output
+
+
+def test_cli_missing_config_exits_2(tmp_path, train_output):
+    code, output = train_output("--dry-run", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 2, output
+    assert f"invalid configuration: config file not found: {tmp_path / 'missing.yaml'}" in output
+
+
+def test_cli_repeated_override_exits_2(train_output):
+    code, output = train_output("--dry-run", "lookaround.k=3", "lookaround.k=4")
+    assert code == 2, output
+    assert "invalid configuration: lookaround.k is given 2 times" in output
+
+
+def test_cli_layout_error_of_trainer_exits_2(train_output, monkeypatch):
+    from conftest import REPO
+
+    # The demo's d=3 branches do not fit W=2; the trainer finds this before any process group.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, output = train_output("--config", str(REPO / "configs" / "demo.yaml"))
+    assert code == 2, output
+    assert "invalid configuration: TopologyError: world size W=2 does not fit d=3 branches" in output
+
+
+@pytest.mark.parametrize("error,expected_code", [
+    (ConfigError("a config problem"), 2),
+    (TopologyError("a layout problem"), 2),
+    (ValueError("a data problem"), 1),
+])
+def test_cli_trainer_error_exit_codes(error, expected_code, train_output, monkeypatch):
+    monkeypatch.setattr("lookaround_dist.trainer.Trainer", failing_trainer(error))
+    code, output = train_output("lookaround.k=3")
+    assert code == expected_code, output
+    assert f"{type(error).__name__}: {error}" in output
+    assert "Traceback" not in output
+
+
+def test_cli_unexpected_error_keeps_traceback(train_output, monkeypatch):
+    monkeypatch.setattr("lookaround_dist.trainer.Trainer", failing_trainer(RuntimeError("out of memory")))
+    code, output = train_output("lookaround.k=3")
+    assert code == 1, output
+    assert "unexpected error: out of memory" in output
+    assert "Traceback" in output
+
+
+def failing_trainer(error: Exception) -> type:
+    """Return a Trainer stand-in whose constructor raises ``error``."""
+
+    class FailingTrainer:
+        def __init__(self, config, resume=False):
+            raise error
+
+    return FailingTrainer

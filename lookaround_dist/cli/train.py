@@ -9,8 +9,15 @@ import sys
 from ..config import ConfigError, load_config
 from ..distributed import destroy, env_world, restart_count
 from ..metrics import setup_logging
+from ..topology import TopologyError
 
 log = logging.getLogger("lookaround_dist")
+
+INVALID_CONFIG_EXIT_CODE = 2
+"""Exit code of an invalid configuration or layout, which the launch scripts report as such."""
+
+CONFIG_ERRORS = (ConfigError, TopologyError)
+"""Errors that mean the configuration or the layout for this world size is invalid."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,8 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--world-size", type=int, default=None,
                         help="world size to check with --dry-run (default: WORLD_SIZE or 1)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="config overrides, parsed as YAML values (command line > YAML > defaults)")
-    return parser.parse_args(argv)
+                        help="config overrides, parsed as YAML values (command line > YAML > defaults); "
+                             "they may stand before, between or after the options, and each key "
+                             "may be given once")
+    # Intermixed, so that overrides after an option are still overrides and not
+    # "unrecognized arguments".
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -43,7 +54,7 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
         log.error("invalid configuration: %s", error)
-        return 2
+        return INVALID_CONFIG_EXIT_CODE
     if args.dry_run:
         from .dry_run import dry_run
 
@@ -54,8 +65,10 @@ def main(argv=None) -> int:
     from ..distributed import CollectiveError
     from ..trainer import NonFiniteError, Trainer
 
-    # Failures with a message that says what to do; ValueError covers the config,
-    # topology and data errors.
+    # Failures whose message names the fix. ValueError covers the data errors and the
+    # checks of names and batch sizes before training.
+    # NOTE: an unknown model or augmentation name and a base batch larger than the data
+    # raise plain ValueError, so they exit 1 here although --dry-run reports them with 2.
     expected_errors = (ValueError, FileNotFoundError, FileExistsError, AveragingError,
                        CheckpointError, CollectiveError, NonFiniteError)
 
@@ -69,6 +82,9 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(config, resume=resume)
         code = trainer.run()
+    except CONFIG_ERRORS as error:
+        log.error("invalid configuration: %s: %s", type(error).__name__, error)
+        return INVALID_CONFIG_EXIT_CODE
     except expected_errors as error:
         log.error("%s: %s", type(error).__name__, error)
         return 1
