@@ -135,3 +135,34 @@ def test_invalid_run_fails_with_reason(case, tiny_data, dry_run_output):
     assert reason in output
     assert "the configuration is valid" not in output
 
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["sgd", "lookahead"])
+def test_single_model_summary(method, tiny_data, dry_run_output):
+    code, output = dry_run_output(*tiny_arguments(tiny_data, 2, f"train.method={method}"))
+    assert code == 0, output
+    assert (f"method {method}: one model trained on all d=2 augmentations (hflip, vflip) of each "
+            f"base batch, DDP over ranks [0, 1]") in output
+    assert "every k=5 steps: " in output
+    assert "BatchNorm statistics averaged over all 2 rank(s)" in output
+    # Each rank reads 4 samples of the base batch of 8 and trains on both augmentations of them.
+    assert ("batch 4 per rank and augmentation, 8 images per rank and step (2 augmentations), "
+            "base batch 8, 4 steps per epoch") in output
+    assert "training shards: 2 file(s), 1.0 per rank (2 rank(s) read disjoint shares of each base batch)" in output
+    assert "per rank and branch" not in output
+    assert "augmentation hflip, ranks" not in output
+    assert "peer groups" not in output
+    assert ("the slow weights move alpha=0.5 of the way to the fast weights" in output) == (method == "lookahead")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["lookaround", "independent"])
+def test_branch_method_summary(method, tiny_data, dry_run_output):
+    code, output = dry_run_output(*tiny_arguments(tiny_data, 2, f"train.method={method}"))
+    assert code == 0, output
+    assert f"method {method}: branches d=2, k=5: 1 rank(s) per branch, 1 branch(es) per rank" in output
+    assert "branch 0: augmentation hflip, ranks [0]" in output
+    assert "branch 1: augmentation vflip, ranks [1]" in output
+    assert "batch 4 per rank and branch, base batch 4, 8 steps per epoch" in output
+    assert ("peer groups (average step): [[0, 1]]" in output) == (method == "lookaround")
+    assert ("branches never averaged" in output) == (method == "independent")

@@ -22,6 +22,7 @@ import torch
 from ..data import DataError, SampleIndex
 from ..data.sources import expand_shards, is_image_folder
 from ..data.torchvision_backend import decode
+from ..methods import SINGLE_MODEL_METHODS
 from ..models import build_model
 from ..topology import Layout, TopologyError
 
@@ -115,41 +116,80 @@ def warn_about_data(config, layout: Layout, train_index: SampleIndex, files: tup
 
 def summary_lines(config, layout: Layout, backend: str, model: torch.nn.Module,
                   train_index: SampleIndex, val_index, files: tuple[str, int]) -> list[str]:
-    """Return the run summary (layout, model, data, schedule) as lines to print."""
-    world_size, num_branches = layout.world_size, layout.num_branches
+    """Return the run summary (method and layout, model, data, schedule) as lines to print."""
     parameters = sum(p.numel() for p in model.parameters())
     steps = steps_per_epoch(config, layout, len(train_index))
     labels = collections.Counter(sample.label for sample in train_index.samples)
     kind, num_files = files
+    single_model = config.train.method in SINGLE_MODEL_METHODS
 
-    lines = [
-        f"dry run: the configuration is valid for world size W={world_size}",
-        f"  branches d={num_branches}, k={config.lookaround.k}: {layout.ranks_per_branch} rank(s) "
-        f"per branch, {layout.branches_per_rank} branch(es) per rank",
-    ]
-    for branch in range(num_branches):
-        lines.append(f"  branch {branch}: augmentation {config.data.augmentations[branch]}, "
-                     f"ranks {list(layout.branch_ranks(branch))}")
-    lines.append(f"  peer groups (average step): {[list(group) for group in layout.all_peer_groups()]}")
+    lines = [f"dry run: the configuration is valid for world size W={layout.world_size}"]
+    lines += single_model_lines(config, layout) if single_model else branch_lines(config, layout)
     lines.append(f"  model {config.model.name}: {parameters:,} parameters, {config.model.num_classes} classes, "
                  f"input {config.data.image_size} px")
 
     lines.append(f"  data backend {backend}: {len(train_index)} training samples, labels "
                  f"{min(labels)}..{max(labels)} ({len(labels)} of {config.model.num_classes} classes "
                  f"present); {len(val_index) if val_index is not None else 0} validation samples")
-    if kind == "shards":
-        # Each rank of a branch reads a disjoint share of every base batch, and the ranks
-        # at the same position in the other branches read the same samples.
-        lines.append(f"  training shards: {num_files} file(s), "
-                     f"{num_files / layout.ranks_per_branch:.1f} per rank of a branch "
+    # Each rank of a branch reads a disjoint share of every base batch, and the ranks at
+    # the same position in the other branches read the same samples. The one model of
+    # sgd and lookahead is a branch over all ranks.
+    shards_per_rank = num_files / layout.ranks_per_branch
+    if kind == "shards" and single_model:
+        lines.append(f"  training shards: {num_files} file(s), {shards_per_rank:.1f} per rank "
+                     f"({layout.world_size} rank(s) read disjoint shares of each base batch)")
+    elif kind == "shards":
+        lines.append(f"  training shards: {num_files} file(s), {shards_per_rank:.1f} per rank of a branch "
                      f"({layout.ranks_per_branch} rank(s) per branch)")
     else:
         lines.append(f"  training data: {kind} tree, samples read by index")
 
     base_batch = config.data.batch_size * layout.ranks_per_branch
-    lines.append(f"  batch {config.data.batch_size} per rank and branch, base batch {base_batch}, "
+    if single_model:
+        augmentations = config.lookaround.num_branches
+        per_rank = (f"batch {config.data.batch_size} per rank and augmentation, "
+                    f"{config.data.batch_size * augmentations} images per rank and step "
+                    f"({augmentations} augmentations)")
+    else:
+        per_rank = f"batch {config.data.batch_size} per rank and branch"
+    lines.append(f"  {per_rank}, base batch {base_batch}, "
                  f"{steps} steps per epoch ({config.data.last_batch} last batch), "
                  f"{config.train.epochs} epochs")
     lines.append(f"  optimizer {config.optim.name} lr {config.optim.lr} ({config.optim.schedule}, "
                  f"{config.optim.warmup_epochs} warm-up epochs)")
+    return lines
+
+
+def branch_lines(config, layout: Layout) -> list[str]:
+    """Return the summary lines of lookaround and independent: the branches, their
+    augmentations and ranks, and what happens every k steps."""
+    method = config.train.method
+    lines = [
+        f"  method {method}: branches d={layout.num_branches}, k={config.lookaround.k}: "
+        f"{layout.ranks_per_branch} rank(s) per branch, {layout.branches_per_rank} branch(es) per rank",
+    ]
+    for branch in range(layout.num_branches):
+        lines.append(f"  branch {branch}: augmentation {config.data.augmentations[branch]}, "
+                     f"ranks {list(layout.branch_ranks(branch))}")
+    if method == "independent":
+        lines.append("  branches never averaged: each is evaluated alone and in a logit ensemble")
+    else:
+        lines.append(f"  peer groups (average step): {[list(group) for group in layout.all_peer_groups()]}")
+    return lines
+
+
+def single_model_lines(config, layout: Layout) -> list[str]:
+    """Return the summary lines of sgd and lookahead: one model that trains on the d
+    augmentations of each base batch, and what happens every k steps."""
+    augmentations = config.data.augmentations
+    ranks = list(range(layout.world_size))
+    lines = [
+        f"  method {config.train.method}: one model trained on all d={len(augmentations)} "
+        f"augmentations ({', '.join(augmentations)}) of each base batch, DDP over ranks {ranks}",
+    ]
+    every_k = f"  every k={config.lookaround.k} steps: "
+    if config.train.method == "lookahead":
+        every_k += (f"the slow weights move alpha={config.train.lookahead_alpha} of the way to the "
+                    f"fast weights, which restart from them; ")
+    lines.append(every_k + f"BatchNorm statistics averaged over all {layout.world_size} rank(s)")
     return lines
