@@ -6,8 +6,9 @@
 #     0   training finished on every local rank
 #     85  every local rank saved a checkpoint and stopped on the preemption signal
 #         (PREEMPTED_EXIT_CODE); resume the run with --resume
-#     2   every local rank with a recorded exit code exited 2 (INVALID_ARGUMENTS_EXIT_CODE):
-#         the trainer rejected its configuration or command line
+#     2   the trainer rejected its configuration or command line: at least one local rank
+#         exited 2 (INVALID_ARGUMENTS_EXIT_CODE), and every other rank with a recorded exit
+#         code exited 2 too or was stopped by torchrun's SIGTERM (143)
 #     other  torchrun's own exit code (a failed or killed rank)
 #   SIGUSR1 sent to this script is forwarded to the training processes; torchrun itself
 #   ignores SIGUSR1. SIGTERM and SIGINT are left to torchrun, which shares this
@@ -21,6 +22,9 @@ LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PREEMPTED_EXIT_CODE=85
 # The trainer's exit code for an invalid configuration or command line (argparse's too).
 INVALID_ARGUMENTS_EXIT_CODE=2
+# The exit code that training_process.py records for a trainer killed by SIGTERM (128 + 15).
+# torchrun sends SIGTERM to the other ranks as soon as one rank fails.
+STOPPED_EXIT_CODE=143
 # The trainer's own options (lookaround_dist.cli.train). parse_options passes these on and
 # rejects every other --option, so a mistyped option fails before torchrun starts.
 TRAINER_OPTIONS="config resume dry-run world-size"
@@ -125,7 +129,8 @@ forward_usr1_to_training_processes() {
 
 # Prints the node's exit code from torchrun's and the recorded per-rank exit codes.
 node_exit_code() {
-    local torchrun_code="$1" nproc="$2" exit_file rank_code count=0 preempted=0 invalid=0
+    local torchrun_code="$1" nproc="$2" exit_file rank_code
+    local count=0 preempted=0 invalid=0 stopped=0
     for exit_file in "$EXIT_CODE_DIR"/*.exit; do
         [[ -e "$exit_file" ]] || continue
         count=$((count + 1))
@@ -134,16 +139,22 @@ node_exit_code() {
             preempted=$((preempted + 1))
         elif [[ "$rank_code" == "$INVALID_ARGUMENTS_EXIT_CODE" ]]; then
             invalid=$((invalid + 1))
+        elif [[ "$rank_code" == "$STOPPED_EXIT_CODE" ]]; then
+            stopped=$((stopped + 1))
         fi
     done
     if (( count == nproc && preempted == nproc )); then
         echo "$PREEMPTED_EXIT_CODE"
-    elif (( count > 0 && invalid == count )); then
-        # torchrun itself exits 1 and prints a traceback for any failed rank, so this line
-        # names the cause. NOTE: a rank that torchrun stops before it exits 2 by itself
-        # records 143 (SIGTERM), and the node then exits with torchrun's code 1.
-        log "error: the trainer rejected its configuration or command line ($invalid of $nproc" \
-            "training processes exited with code $INVALID_ARGUMENTS_EXIT_CODE); see its error above"
+    elif (( invalid > 0 && invalid + stopped == count )); then
+        # Every rank reads the same configuration, but a slower rank may be stopped by
+        # torchrun before it gets to reject it. torchrun itself exits 1 and prints a
+        # traceback for the failed ranks, so this line names the cause.
+        local detail="$invalid of $nproc training processes exited with code $INVALID_ARGUMENTS_EXIT_CODE"
+        if (( stopped > 0 )); then
+            detail+=" and torchrun stopped the other $stopped"
+        fi
+        log "error: the trainer rejected its configuration or command line: $detail." \
+            "See the trainer's error above."
         echo "$INVALID_ARGUMENTS_EXIT_CODE"
     elif (( torchrun_code == 0 && preempted > 0 )); then
         # Some ranks finished and others stopped for preemption: the run is incomplete,

@@ -38,7 +38,9 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 PREEMPTED_EXIT_CODE = 85
 
 # A trainer stand-in: it prints its arguments, and on SIGUSR1 it writes a marker file
-# (a "checkpoint") and exits 85, like the real trainer's preemption contract.
+# (a "checkpoint") and exits 85, like the real trainer's preemption contract. Without the
+# signal it exits STAND_IN_EXIT_CODE after STAND_IN_SECONDS (STAND_IN_SECONDS_RANK_<r> on
+# rank r).
 STAND_IN_TRAINER = textwrap.dedent(
     """
     import os, signal, sys, time
@@ -50,7 +52,8 @@ STAND_IN_TRAINER = textwrap.dedent(
     rank = os.environ["RANK"]
     print(f"stand-in rank {rank} args {sys.argv[1:]}", flush=True)
     (marker_dir / f"started-{rank}").write_text("")
-    deadline = time.monotonic() + float(os.environ.get("STAND_IN_SECONDS", "5"))
+    seconds = os.environ.get(f"STAND_IN_SECONDS_RANK_{rank}", os.environ.get("STAND_IN_SECONDS", "5"))
+    deadline = time.monotonic() + float(seconds)
     while time.monotonic() < deadline:
         if stop:
             (marker_dir / f"checkpoint-{rank}").write_text("")
@@ -148,14 +151,43 @@ def test_node_script_reports_failure(tmp_path):
 @pytest.mark.timeout(120)
 def test_node_script_reports_invalid_configuration(tmp_path):
     # The trainer exits 2 when it rejects its configuration, but torchrun itself exits 1.
+    # Whether torchrun stops one rank before it exits 2 by itself depends on timing.
     env = _stand_in_env(tmp_path, STAND_IN_SECONDS="0", STAND_IN_EXIT_CODE="2")
     result = subprocess.run(
         ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert ("the trainer rejected its configuration or command line "
-            "(2 of 2 training processes exited with code 2)") in result.stderr
+    assert "error: the trainer rejected its configuration or command line: " in result.stderr
+    both_exited = "2 of 2 training processes exited with code 2." in result.stderr
+    one_stopped = "1 of 2 training processes exited with code 2 and torchrun stopped the other 1." in result.stderr
+    assert both_exited or one_stopped, result.stderr[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_node_script_reports_invalid_configuration_of_one_rank(tmp_path):
+    # Rank 0 exits 2 at once, and torchrun stops rank 1 (SIGTERM, exit code 143).
+    env = _stand_in_env(tmp_path, STAND_IN_SECONDS_RANK_0="0", STAND_IN_SECONDS_RANK_1="60",
+                        STAND_IN_EXIT_CODE="2")
+    result = subprocess.run(
+        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "1 of 2 training processes exited with code 2 and torchrun stopped the other 1." in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_node_script_reports_other_failure_with_stopped_rank(tmp_path):
+    # Rank 0 fails with 3, not 2, so the node reports torchrun's failure.
+    env = _stand_in_env(tmp_path, STAND_IN_SECONDS_RANK_0="0", STAND_IN_SECONDS_RANK_1="60",
+                        STAND_IN_EXIT_CODE="3")
+    result = subprocess.run(
+        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "rejected its configuration" not in result.stderr
 
 
 @pytest.mark.timeout(120)
