@@ -40,6 +40,6 @@ data-cifar10:
 		out=data/cifar10/$$(basename $$f .gz); [ -e $$out ] || gunzip -c $$f > $$out; done
 
 # The method comparison (lookaround, sgd, independent, lookahead, SWA; two seeds each) on
-# CIFAR-10, about two hours on 2 cores; rerunning continues where it stopped.
+# CIFAR-10, about one hour on 2 cores; rerunning continues where it stopped.
 experiment: install
 	$(PYTHON) scripts/run_experiment.py --data $(SHARED_DATA)/cifar10 --output runs/experiment

@@ -15,12 +15,9 @@ from their latest checkpoint with ``--resume``. At the end, ``lookaround-report`
 ``OUTPUT/report/report.md`` and its plots.
 
 The default schedule trains on a subset, the first of the ten shuffled training shards
-(5,000 images), for 5 epochs, and evaluates on the first test shard (5,000 images). It
-is sized for about two hours on two CPU cores for all ten runs. That size is an
-estimate, not a measured total. It assumes about 8 GFLOP/s per core, measured as the
-CPU time of two short runs on a shared machine. That rate gives about 2.8 s per step of
-three branches at batch 128 and 12 s per evaluation of one model. Check the first run's time in its
-log and adjust --epochs or --train-shards.
+(5,000 images), for 5 epochs, and evaluates on the first test shard (5,000 images). All
+ten runs took 61 minutes on two CPU cores (4 to 8.5 minutes each, depending on other
+load). Change --epochs or --train-shards to fit another budget.
 """
 
 from __future__ import annotations
