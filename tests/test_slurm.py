@@ -93,6 +93,14 @@ def _stand_in_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     )
 
 
+def _run_single_node(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run the single-node script with two processes and a stand-in config, to its end."""
+    return subprocess.run(
+        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml"],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=100,
+    )
+
+
 def _wait_for_files(paths: list[Path], timeout_seconds: float) -> None:
     deadline = time.monotonic() + timeout_seconds
     while not all(path.exists() for path in paths):
@@ -141,10 +149,7 @@ def test_node_script_passes_arguments(tmp_path):
 @pytest.mark.timeout(120)
 def test_node_script_reports_failure(tmp_path):
     env = _stand_in_env(tmp_path, STAND_IN_SECONDS="0", STAND_IN_EXIT_CODE="3")
-    result = subprocess.run(
-        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
-    )
+    result = _run_single_node(env, tmp_path)
     assert result.returncode not in (0, 2, PREEMPTED_EXIT_CODE), result.stderr[-3000:]
 
 
@@ -153,10 +158,7 @@ def test_node_script_reports_invalid_configuration(tmp_path):
     # The trainer exits 2 when it rejects its configuration, but torchrun itself exits 1.
     # Whether torchrun stops one rank before it exits 2 by itself depends on timing.
     env = _stand_in_env(tmp_path, STAND_IN_SECONDS="0", STAND_IN_EXIT_CODE="2")
-    result = subprocess.run(
-        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
-    )
+    result = _run_single_node(env, tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: the trainer rejected its configuration or command line: " in result.stderr
     both_exited = "2 of 2 training processes exited with code 2." in result.stderr
@@ -169,10 +171,7 @@ def test_node_script_reports_invalid_configuration_of_one_rank(tmp_path):
     # Rank 0 exits 2 at once, and torchrun stops rank 1 (SIGTERM, exit code 143).
     env = _stand_in_env(tmp_path, STAND_IN_SECONDS_RANK_0="0", STAND_IN_SECONDS_RANK_1="60",
                         STAND_IN_EXIT_CODE="2")
-    result = subprocess.run(
-        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
-    )
+    result = _run_single_node(env, tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "1 of 2 training processes exited with code 2 and torchrun stopped the other 1." in result.stderr
 
@@ -182,10 +181,7 @@ def test_node_script_reports_other_failure_with_stopped_rank(tmp_path):
     # Rank 0 fails with 3, not 2, so the node reports torchrun's failure.
     env = _stand_in_env(tmp_path, STAND_IN_SECONDS_RANK_0="0", STAND_IN_SECONDS_RANK_1="60",
                         STAND_IN_EXIT_CODE="3")
-    result = subprocess.run(
-        ["bash", str(SINGLE_NODE_SCRIPT), "--nproc", "2", "--config", "x.yaml"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=100,
-    )
+    result = _run_single_node(env, tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "rejected its configuration" not in result.stderr
 
