@@ -176,8 +176,9 @@ def run_overrides(args, variant: Variant, seed: int, output: Path) -> list[str]:
     ]
     by_key = {}
     for override in overrides:
-        by_key.pop(override.split("=", 1)[0], None)  # a later value moves the key to the end
-        by_key[override.split("=", 1)[0]] = override
+        key = override.split("=", 1)[0]
+        by_key.pop(key, None)  # so that a later value also moves the key to the end
+        by_key[key] = override
     return list(by_key.values())
 
 
